@@ -1,0 +1,126 @@
+// Python bindings. Deliberately free of torch headers: tensors cross as integer addresses plus sizes,
+// so the module builds under plain `pip install -e .` against any torch. mvmae_fast/_ext.py and the
+// op modules validate every argument before calling in here.
+#include <pybind11/pybind11.h>
+
+#include <stdexcept>
+#include <string>
+
+#include "ops.h"
+
+namespace py = pybind11;
+using namespace mvmae_fast;
+
+namespace {
+
+template <class T>
+T* ptr(uintptr_t address) {
+  return reinterpret_cast<T*>(address);
+}
+
+void check_index_bytes(int index_bytes) {
+  if (index_bytes != 4 && index_bytes != 8)
+    throw std::invalid_argument("index_bytes must be 4 (int32) or 8 (int64)");
+}
+
+void raise_status(int status, const char* op) {
+  if (status == kIndexOutOfRange) throw py::index_error(std::string(op) + ": index out of range");
+  if (status == kDuplicateIndex) throw py::value_error(std::string(op) + ": duplicate index");
+}
+
+#ifdef MVMAE_FAST_WITH_CUDA
+void raise_cuda(const std::string& error, const char* op) {
+  if (!error.empty()) throw std::runtime_error(std::string(op) + ": CUDA error: " + error);
+}
+#endif
+
+}  // namespace
+
+PYBIND11_MODULE(_C, m) {
+  m.doc() = "mvmae_fast native kernels (CPU, and CUDA when built with nvcc)";
+#ifdef MVMAE_FAST_WITH_CUDA
+  m.attr("cuda_compiled") = true;
+#else
+  m.attr("cuda_compiled") = false;
+#endif
+
+  m.def(
+      "random_masking_cpu",
+      [](uintptr_t ids_keep, uintptr_t ids_restore, uintptr_t mask, int64_t batch,
+         int64_t num_patches, int64_t keep, uint32_t s0, uint32_t s1, int threads) {
+        py::gil_scoped_release release;
+        random_masking_cpu(ptr<int64_t>(ids_keep), ptr<int64_t>(ids_restore), ptr<float>(mask),
+                           batch, num_patches, keep, s0, s1, threads);
+      },
+      py::arg("ids_keep"), py::arg("ids_restore"), py::arg("mask"), py::arg("batch"),
+      py::arg("num_patches"), py::arg("keep"), py::arg("s0"), py::arg("s1"), py::arg("threads"));
+
+  m.def(
+      "gather_rows_cpu",
+      [](uintptr_t x, uintptr_t ids, int index_bytes, uintptr_t out, int64_t batch,
+         int64_t num_rows, int64_t num_ids, int64_t row_bytes, int threads) {
+        check_index_bytes(index_bytes);
+        int status;
+        {
+          py::gil_scoped_release release;
+          status = gather_rows_cpu(ptr<const void>(x), ptr<const void>(ids), index_bytes,
+                                   ptr<void>(out), batch, num_rows, num_ids, row_bytes, threads);
+        }
+        raise_status(status, "gather_rows");
+      },
+      py::arg("x"), py::arg("ids"), py::arg("index_bytes"), py::arg("out"), py::arg("batch"),
+      py::arg("num_rows"), py::arg("num_ids"), py::arg("row_bytes"), py::arg("threads"));
+
+  m.def(
+      "scatter_rows_cpu",
+      [](uintptr_t y, uintptr_t ids, int index_bytes, uintptr_t out, int64_t batch,
+         int64_t num_rows, int64_t num_ids, int64_t row_bytes, int threads) {
+        check_index_bytes(index_bytes);
+        int status;
+        {
+          py::gil_scoped_release release;
+          status = scatter_rows_cpu(ptr<const void>(y), ptr<const void>(ids), index_bytes,
+                                    ptr<void>(out), batch, num_rows, num_ids, row_bytes, threads);
+        }
+        raise_status(status, "scatter_rows");
+      },
+      py::arg("y"), py::arg("ids"), py::arg("index_bytes"), py::arg("out"), py::arg("batch"),
+      py::arg("num_rows"), py::arg("num_ids"), py::arg("row_bytes"), py::arg("threads"));
+
+#ifdef MVMAE_FAST_WITH_CUDA
+  m.def(
+      "random_masking_cuda",
+      [](uintptr_t ids_keep, uintptr_t ids_restore, uintptr_t mask, int64_t batch,
+         int64_t num_patches, int64_t keep, uint32_t s0, uint32_t s1, uintptr_t stream) {
+        raise_cuda(random_masking_cuda(ptr<int64_t>(ids_keep), ptr<int64_t>(ids_restore),
+                                       ptr<float>(mask), batch, num_patches, keep, s0, s1, stream),
+                   "random_masking");
+      },
+      py::arg("ids_keep"), py::arg("ids_restore"), py::arg("mask"), py::arg("batch"),
+      py::arg("num_patches"), py::arg("keep"), py::arg("s0"), py::arg("s1"), py::arg("stream"));
+
+  m.def(
+      "gather_rows_cuda",
+      [](uintptr_t x, uintptr_t ids, int index_bytes, uintptr_t out, int64_t batch,
+         int64_t num_rows, int64_t num_ids, int64_t row_bytes, uintptr_t stream) {
+        check_index_bytes(index_bytes);
+        raise_cuda(gather_rows_cuda(ptr<const void>(x), ptr<const void>(ids), index_bytes,
+                                    ptr<void>(out), batch, num_rows, num_ids, row_bytes, stream),
+                   "gather_rows");
+      },
+      py::arg("x"), py::arg("ids"), py::arg("index_bytes"), py::arg("out"), py::arg("batch"),
+      py::arg("num_rows"), py::arg("num_ids"), py::arg("row_bytes"), py::arg("stream"));
+
+  m.def(
+      "scatter_rows_cuda",
+      [](uintptr_t y, uintptr_t ids, int index_bytes, uintptr_t out, int64_t batch,
+         int64_t num_rows, int64_t num_ids, int64_t row_bytes, uintptr_t stream) {
+        check_index_bytes(index_bytes);
+        raise_cuda(scatter_rows_cuda(ptr<const void>(y), ptr<const void>(ids), index_bytes,
+                                     ptr<void>(out), batch, num_rows, num_ids, row_bytes, stream),
+                   "scatter_rows");
+      },
+      py::arg("y"), py::arg("ids"), py::arg("index_bytes"), py::arg("out"), py::arg("batch"),
+      py::arg("num_rows"), py::arg("num_ids"), py::arg("row_bytes"), py::arg("stream"));
+#endif
+}

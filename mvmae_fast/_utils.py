@@ -1,0 +1,47 @@
+"""Argument checks and output allocation shared by the ops."""
+
+import contextlib
+import math
+import os
+
+import torch
+
+# Debug aid for tests: fill every op output with garbage before a kernel writes it, so an element
+# a kernel forgets to write fails the comparison instead of passing by luck.
+POISON_OUTPUTS = os.environ.get("MVMAE_FAST_POISON") == "1"
+
+
+def new_output(shape, dtype, device):
+    out = torch.empty(shape, dtype=dtype, device=device)
+    if POISON_OUTPUTS:
+        out.fill_(math.nan if dtype.is_floating_point else -7)
+    return out
+
+
+def check_int(name, value, minimum=None, maximum=None):
+    if isinstance(value, bool) or not isinstance(value, (int, torch.SymInt)):
+        raise TypeError(f"{name} must be an int, got {type(value).__name__} {value!r}")
+    if minimum is not None and value < minimum:
+        raise ValueError(f"{name} must be >= {minimum}, got {value}")
+    if maximum is not None and value > maximum:
+        raise ValueError(f"{name} must be <= {maximum}, got {value}")
+
+
+def check_tensor(name, value, ndim, dtypes, layout):
+    """Type, rank and dtype of a tensor argument; ``layout`` names the dims for the message."""
+    if not isinstance(value, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(value).__name__}")
+    if value.dim() != ndim:
+        raise ValueError(f"{name} must have {ndim} dimensions {layout}, got shape {tuple(value.shape)}")
+    if value.dtype not in dtypes:
+        names = ", ".join(str(d).replace("torch.", "") for d in dtypes)
+        raise TypeError(f"{name} must have dtype {names}; got {value.dtype}")
+
+
+def cuda_stream(device):
+    return torch.cuda.current_stream(device).cuda_stream
+
+
+def device_guard(device):
+    """Makes ``device`` current for launches that use the current CUDA device (Triton, the extension)."""
+    return torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext()
