@@ -12,7 +12,6 @@ manager (which takes priority; ``use_backend(None)`` restores automatic choice),
 """
 
 import contextlib
-import contextvars
 import importlib.util
 import os
 
@@ -23,7 +22,8 @@ from . import _ext
 BACKENDS = ("torch", "cpp", "triton")
 ENV_VAR = "MVMAE_FAST_BACKEND"
 
-_forced: contextvars.ContextVar = contextvars.ContextVar("mvmae_fast_backend", default=())
+# A plain list (not a ContextVar) so torch.compile can read it while tracing and guard on it.
+_forced = []
 _triton_installed = importlib.util.find_spec("triton") is not None
 
 
@@ -41,18 +41,17 @@ def use_backend(name):
     """Force backend ``name`` for ops called inside the block (``None``: automatic choice)."""
     if name is not None:
         _check_name(name, "use_backend(name)")
-    token = _forced.set(_forced.get() + (name,))
+    _forced.append(name)
     try:
         yield
     finally:
-        _forced.reset(token)
+        _forced.pop()
 
 
 def requested_backend():
     """The forced backend and who forced it, or ``(None, None)``."""
-    stack = _forced.get()
-    if stack:
-        return stack[-1], "use_backend()"
+    if _forced:
+        return _forced[-1], "use_backend()"
     env = os.environ.get(ENV_VAR, "").strip()
     if env:
         _check_name(env, ENV_VAR)
@@ -60,9 +59,13 @@ def requested_backend():
     return None, None
 
 
-def unavailable_reasons(name, device):
-    """Why backend ``name`` cannot run on ``device`` (empty when it can)."""
+def unavailable_reasons(name, device, implemented=BACKENDS):
+    """Why backend ``name`` cannot run on ``device`` (empty when it can); ``implemented`` lists the
+    backends the op in question has."""
     device = torch.device(device)
+    if name not in implemented:
+        _check_name(name, "backend")
+        return [f"this op has no {name} implementation (it has: {', '.join(implemented)})"]
     if name == "torch":
         return []
     if name == "cpp":
@@ -91,12 +94,12 @@ def unavailable_reasons(name, device):
     return []
 
 
-def available_backends(device="cpu"):
-    """Backends that can run on ``device``, in BACKENDS order."""
-    return [name for name in BACKENDS if not unavailable_reasons(name, device)]
+def available_backends(device="cpu", implemented=BACKENDS):
+    """Backends (of ``implemented``) that can run on ``device``, in BACKENDS order."""
+    return [name for name in BACKENDS if not unavailable_reasons(name, device, implemented)]
 
 
-def select_backend(op, device, backend=""):
+def select_backend(op, device, backend="", implemented=BACKENDS):
     """The backend for one call of ``op`` on ``device``; ``backend`` ('' = none) overrides the rest."""
     if backend:
         _check_name(backend, "backend")
@@ -104,15 +107,15 @@ def select_backend(op, device, backend=""):
     else:
         name, source = requested_backend()
     if name is not None:
-        reasons = unavailable_reasons(name, device)
+        reasons = unavailable_reasons(name, device, implemented)
         if reasons:
             raise UnsupportedBackendError(
                 f"{op}: backend {name!r} (forced by {source}) cannot run on {device} tensors: "
-                f"{'; '.join(reasons)}. Backends that can: {', '.join(available_backends(device))}."
+                f"{'; '.join(reasons)}. Backends that can: {', '.join(available_backends(device, implemented))}."
             )
         return name
     order = ("triton", "cpp") if torch.device(device).type == "cuda" else ("cpp",)
     for candidate in order:
-        if not unavailable_reasons(candidate, device):
+        if not unavailable_reasons(candidate, device, implemented):
             return candidate
     return "torch"

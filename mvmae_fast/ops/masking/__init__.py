@@ -87,3 +87,17 @@ def random_masking(batch, num_patches, keep, *, device="cpu", seed=None, generat
     _check_sizes(batch, num_patches, keep)
     seed = resolve_seed(seed, generator)
     return MaskingResult(*_random_masking_op(batch, num_patches, keep, seed, torch.device(device), backend or ""))
+
+
+def masking_from_noise(noise, keep):
+    """The official MAE masking from per-patch ``noise`` (B, L): keep the ``keep`` smallest.
+
+    Lets a run be reproduced exactly against another implementation that draws the same noise.
+    """
+    if not isinstance(noise, torch.Tensor) or noise.dim() != 2 or not noise.is_floating_point():
+        raise ValueError(f"noise must be a floating-point (B, L) tensor, got {getattr(noise, 'shape', type(noise))}")
+    check_int("keep", keep, minimum=1, maximum=noise.shape[1])
+    shuffle = torch.argsort(noise, dim=1)
+    positions = torch.arange(noise.shape[1], device=noise.device).expand_as(shuffle)
+    ids_restore = torch.empty_like(shuffle).scatter_(1, shuffle, positions)
+    return MaskingResult(shuffle[:, :keep].contiguous(), ids_restore, (ids_restore >= keep).to(torch.float32))

@@ -1,0 +1,55 @@
+"""Shared fixtures for the benchmark suite (pytest-benchmark).
+
+Sizes: MVMAE_FAST_BENCH_SIZE=tiny (CI: every case once, tiny shapes) or unset (real shapes: MAE
+ViT-B on CUDA, CPU-sized otherwise). Cases for CUDA run only where a GPU is present.
+"""
+
+import os
+
+import pytest
+import torch
+
+SIZE = os.environ.get("MVMAE_FAST_BENCH_SIZE", "full")
+DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
+
+
+def pytest_report_header(config):
+    gpu = torch.cuda.get_device_name() if torch.cuda.is_available() else "none"
+    return f"mvmae_fast benchmarks: size={SIZE}, torch {torch.__version__}, GPU: {gpu}"
+
+
+def pytest_generate_tests(metafunc):
+    """Parametrize ``device`` x ``provider`` over what can run here: the module's REFERENCE_PROVIDERS
+    (plain-PyTorch baselines) and every mvmae_fast backend available on the device."""
+    if "device" not in metafunc.fixturenames:
+        return
+    if "provider" not in metafunc.fixturenames:
+        metafunc.parametrize("device", [torch.device(d) for d in DEVICES], ids=DEVICES)
+        return
+    from mvmae_fast import available_backends
+
+    baselines = getattr(metafunc.module, "REFERENCE_PROVIDERS", ("reference",))
+    cases = [(torch.device(d), p) for d in DEVICES for p in (*baselines, *available_backends(d))]
+    metafunc.parametrize("device,provider", cases, ids=[f"{d}-{p}" for d, p in cases])
+
+
+@pytest.fixture
+def timed(benchmark, device):
+    """``timed(fn, bytes_moved=None)``: benchmark ``fn`` (synchronising CUDA), record GB/s and device."""
+
+    def run(fn, bytes_moved=None):
+        if device.type == "cuda":
+            def call():
+                fn()
+                torch.cuda.synchronize()
+        else:
+            call = fn
+        result = benchmark(call)
+        benchmark.extra_info["device"] = torch.cuda.get_device_name() if device.type == "cuda" else "cpu"
+        benchmark.extra_info["torch"] = torch.__version__
+        stats = getattr(benchmark, "stats", None)
+        if bytes_moved is not None and stats is not None:
+            benchmark.extra_info["GB/s"] = round(bytes_moved / stats.stats.median / 1e9, 2)
+        return result
+
+    return run

@@ -1,0 +1,23 @@
+#!/usr/bin/env bash
+# One command for a GPU machine that has torch, triton and nvcc but no package index:
+#   bash benchmarks/gpu.sh [results-dir]
+# installs mvmae_fast offline with its CUDA kernels, runs the GPU correctness tests (every backend,
+# fp32/fp16/bf16) and then the benchmark suite, writing <results-dir>/<GPU name>.json.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+results="${1:-benchmarks/results}"
+mkdir -p "$results"
+
+MVMAE_FAST_CUDA=1 pip install --no-build-isolation --no-deps -e .
+python -c "import mvmae_fast._ext as e; assert e.cuda_compiled(), 'mvmae_fast._C was built without CUDA'"
+
+# Native Triton for CUDA tensors (tests/conftest.py turns the interpreter on only if unset).
+export TRITON_INTERPRET=0
+python -m pytest tests/test_cuda.py -q -rs
+
+gpu=$(python -c "import torch; print(torch.cuda.get_device_name().replace(' ', '_'))")
+if python -c "import pytest_benchmark" 2>/dev/null; then
+    python -m pytest benchmarks/ --benchmark-only -q --benchmark-json "$results/$gpu.json"
+else
+    echo "pytest-benchmark is not installed here: skipping the benchmark suite"
+fi

@@ -1,0 +1,101 @@
+"""ViT building blocks with timm's module and parameter names (so state dicts line up)."""
+
+import torch
+from torch import nn
+
+from .. import ops
+
+
+class PatchEmbed(nn.Module):
+    """Conv2d(in_chans, D, k=p, s=p) over a square image: (B, C, H, W) -> (B, L, D)."""
+
+    def __init__(self, img_size=224, patch_size=16, in_chans=3, embed_dim=768):
+        super().__init__()
+        if img_size % patch_size:
+            raise ValueError(f"img_size ({img_size}) must be divisible by patch_size ({patch_size})")
+        self.img_size = img_size
+        self.patch_size = patch_size
+        self.in_chans = in_chans
+        self.grid_size = img_size // patch_size
+        self.num_patches = self.grid_size**2
+        self.proj = nn.Conv2d(in_chans, embed_dim, kernel_size=patch_size, stride=patch_size)
+
+    def forward(self, x):
+        return self.proj(x).flatten(2).transpose(1, 2)
+
+
+class Attention(nn.Module):
+    def __init__(self, dim, num_heads, qkv_bias=True):
+        super().__init__()
+        if dim % num_heads:
+            raise ValueError(f"dim ({dim}) must be divisible by num_heads ({num_heads})")
+        self.num_heads = num_heads
+        self.qkv = nn.Linear(dim, dim * 3, bias=qkv_bias)
+        self.proj = nn.Linear(dim, dim)
+
+    def forward(self, x):
+        return self.proj(ops.attention(self.qkv(x), self.num_heads))
+
+
+class Mlp(nn.Module):
+    def __init__(self, dim, hidden):
+        super().__init__()
+        self.fc1 = nn.Linear(dim, hidden)
+        self.act = nn.GELU()
+        self.fc2 = nn.Linear(hidden, dim)
+
+    def forward(self, x):
+        return self.fc2(self.act(self.fc1(x)))
+
+
+class Block(nn.Module):
+    """Pre-norm transformer block: x + Attn(LN(x)), then x + MLP(LN(x))."""
+
+    def __init__(self, dim, num_heads, mlp_ratio=4.0, norm_eps=1e-6):
+        super().__init__()
+        self.norm1 = nn.LayerNorm(dim, eps=norm_eps)
+        self.attn = Attention(dim, num_heads)
+        self.norm2 = nn.LayerNorm(dim, eps=norm_eps)
+        self.mlp = Mlp(dim, int(dim * mlp_ratio))
+
+    def forward(self, x):
+        x = x + self.attn(self.norm1(x))
+        return x + self.mlp(self.norm2(x))
+
+
+class Projector(nn.Module):
+    """MV-MAE's projector g: Linear -> (BatchNorm, ReLU, Linear) x (layers - 1)."""
+
+    def __init__(self, dim, hidden=2048, out=128, layers=3):
+        super().__init__()
+        if layers < 1:
+            raise ValueError(f"projector layers must be >= 1, got {layers}")
+        mods = []
+        width = dim
+        for _ in range(layers - 1):
+            mods += [nn.Linear(width, hidden), nn.BatchNorm1d(hidden), nn.ReLU(inplace=True)]
+            width = hidden
+        mods.append(nn.Linear(width, out))
+        self.net = nn.Sequential(*mods)
+
+    def forward(self, x):
+        return self.net(x)
+
+
+def init_weights(module):
+    """MAE's init: xavier-uniform Linear weights with zero bias, LayerNorm 1 / 0."""
+    if isinstance(module, nn.Linear):
+        nn.init.xavier_uniform_(module.weight)
+        if module.bias is not None:
+            nn.init.zeros_(module.bias)
+    elif isinstance(module, (nn.LayerNorm, nn.BatchNorm1d)):
+        if module.weight is not None:
+            nn.init.ones_(module.weight)
+            nn.init.zeros_(module.bias)
+
+
+def xavier_patch_embed_(patch_embed):
+    """Xavier-uniform on the conv weight viewed as the (D, C*p*p) Linear it is; bias left as is."""
+    w = patch_embed.proj.weight
+    with torch.no_grad():
+        nn.init.xavier_uniform_(w.view(w.shape[0], -1))
