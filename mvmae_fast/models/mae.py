@@ -52,7 +52,7 @@ class MVMAEConfig:
     proj_hidden: int = 2048
     proj_out: int = 128
     proj_layers: int = 3
-    check_inputs: bool = True  # reject NaN/Inf images (one reduction and a sync per step)
+    check_inputs: bool = True  # reject NaN/Inf images in eager mode (one reduction and a sync per step)
 
     def __post_init__(self):
         for name in ("img_size", "patch_size", "in_chans", "embed_dim", "depth", "num_heads", "dec_dim",
@@ -173,7 +173,8 @@ class MVMAE(nn.Module):
             raise ValueError(f"{name} is {H}x{W}, the model expects img_size={c.img_size}")
         if imgs.shape[0] == 0:
             raise ValueError(f"{name} is an empty batch")
-        if c.check_inputs and not bool(torch.isfinite(imgs).all()):
+        # A data-dependent check cannot be traced: compiled graphs skip it (check the data instead).
+        if c.check_inputs and not torch.compiler.is_compiling() and not bool(torch.isfinite(imgs).all()):
             raise ValueError(f"{name} contains NaN or Inf values")
 
     def _split_views(self, imgs):
