@@ -163,4 +163,5 @@ def gather_rows(x, ids, *, check_indices=True, backend=None):
 
 def scatter_rows(y, ids, num_rows, *, check_indices=True, backend=None):
     """Row ``ids[b, k]`` of a (B, num_rows, D) zero tensor set to ``y[b, k]``. Differentiable in ``y``."""
+    check_int("num_rows", num_rows, minimum=1)
     return _scatter_rows_op(y, ids, num_rows, check_indices, backend or "")
