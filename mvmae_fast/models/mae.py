@@ -251,7 +251,9 @@ class MVMAE(nn.Module):
         loss = c.w_rec * loss_rec.mean()
         if c.contrastive:
             z = F.normalize(self.projector(self._pool(latent)).float(), dim=-1)
-            loss_con = ops.info_nce(z[:B], z[B:], c.temperature)
+            # Negatives come from every rank while training under torch.distributed; in eval mode
+            # they stay local, so one rank can evaluate alone without waiting on the others.
+            loss_con = ops.info_nce(z[:B], z[B:], c.temperature, gather=self.training)
             loss = loss + c.w_con * loss_con
         else:
             loss_con = loss.new_zeros(())

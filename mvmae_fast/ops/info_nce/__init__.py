@@ -16,10 +16,23 @@ from ..._utils import check_tensor
 _DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
 
-def _gather_from_all_ranks(z):
-    from torch.distributed.nn.functional import all_gather
+class _GatherFromAllRanks(torch.autograd.Function):
+    """All ranks' rows, concatenated in rank order. Backward: every rank's loss depends on every
+    rank's rows, so the gradients are summed over ranks and each rank keeps its own slice."""
 
-    return torch.cat(all_gather(z), dim=0), dist.get_rank()
+    @staticmethod
+    def forward(ctx, z):
+        ctx.rank, ctx.world = dist.get_rank(), dist.get_world_size()
+        parts = [torch.empty_like(z) for _ in range(ctx.world)]
+        dist.all_gather(parts, z.contiguous())
+        return torch.cat(parts, dim=0)
+
+    @staticmethod
+    def backward(ctx, grad):
+        grad = grad.contiguous().clone()
+        dist.all_reduce(grad)
+        rows = grad.shape[0] // ctx.world
+        return grad[ctx.rank * rows:(ctx.rank + 1) * rows]
 
 
 def info_nce(z1, z2, temperature=0.1, *, gather=True):
@@ -34,8 +47,8 @@ def info_nce(z1, z2, temperature=0.1, *, gather=True):
     local = torch.cat([z1, z2], dim=0)
     distributed = gather and dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
     if distributed:
-        everyone, rank = _gather_from_all_ranks(local)
-        offset = rank * 2 * B
+        everyone = _GatherFromAllRanks.apply(local)
+        offset = dist.get_rank() * 2 * B
     else:
         everyone, offset = local, 0
     if everyone.shape[0] <= 2:
