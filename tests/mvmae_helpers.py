@@ -440,3 +440,12 @@ def make_noncontig(t: torch.Tensor, kind: str) -> torch.Tensor:
     else:
         raise ValueError(kind)
     return v
+
+
+def param_id(v):
+    """Readable pytest ids for dtypes and shape tuples."""
+    if isinstance(v, torch.dtype):
+        return str(v).replace("torch.", "")
+    if isinstance(v, tuple):
+        return "x".join(map(str, v))
+    return str(v)

@@ -26,6 +26,7 @@ import mvmae_fast  # noqa: E402
 from mvmae_fast import ops  # noqa: E402
 
 from mvmae_helpers import (  # noqa: E402
+    param_id,
     BACKENDS,
     assert_bitwise_equal,
     assert_masking_equal,
@@ -71,14 +72,6 @@ SHAPES = [
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
 IDX_DTYPES = [torch.int32, torch.int64]
 SEEDS = [0, 1, 2**40 + 3, 2**63 - 1]
-
-
-def _id(v):
-    if isinstance(v, torch.dtype):
-        return str(v).replace("torch.", "")
-    if isinstance(v, tuple):
-        return "x".join(map(str, v))
-    return str(v)
 
 
 def test_available_backends_cuda():
@@ -146,18 +139,18 @@ def test_masking_opcheck(backend):
 # --------------------------------------------------------------------------- #
 # gather / scatter
 # --------------------------------------------------------------------------- #
-@pytest.mark.parametrize("shape", SHAPES, ids=_id)
-@pytest.mark.parametrize("idx_dtype", IDX_DTYPES, ids=_id)
-@pytest.mark.parametrize("dtype", DTYPES, ids=_id)
+@pytest.mark.parametrize("shape", SHAPES, ids=param_id)
+@pytest.mark.parametrize("idx_dtype", IDX_DTYPES, ids=param_id)
+@pytest.mark.parametrize("dtype", DTYPES, ids=param_id)
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_gather(backend, dtype, idx_dtype, shape):
     skip_if_heavy_interpreted(backend, *shape[:1], *shape[2:])
     check_gather(backend, dtype, idx_dtype, *shape, device=DEV)
 
 
-@pytest.mark.parametrize("shape", SHAPES, ids=_id)
-@pytest.mark.parametrize("idx_dtype", IDX_DTYPES, ids=_id)
-@pytest.mark.parametrize("dtype", DTYPES, ids=_id)
+@pytest.mark.parametrize("shape", SHAPES, ids=param_id)
+@pytest.mark.parametrize("idx_dtype", IDX_DTYPES, ids=param_id)
+@pytest.mark.parametrize("dtype", DTYPES, ids=param_id)
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_scatter(backend, dtype, idx_dtype, shape):
     skip_if_heavy_interpreted(backend, shape[0], shape[1], shape[3])
@@ -173,9 +166,9 @@ def test_float64_and_check_indices_false(backend):
     check_scatter(backend, torch.float32, torch.int64, 8, 197, 49, 768, device=DEV, check_indices=False)
 
 
-@pytest.mark.parametrize("shape", [(2, 50, 12, 16), (8, 197, 49, 768)], ids=_id)
-@pytest.mark.parametrize("dtype", DTYPES, ids=_id)
-@pytest.mark.parametrize("idx_dtype", IDX_DTYPES, ids=_id)
+@pytest.mark.parametrize("shape", [(2, 50, 12, 16), (8, 197, 49, 768)], ids=param_id)
+@pytest.mark.parametrize("dtype", DTYPES, ids=param_id)
+@pytest.mark.parametrize("idx_dtype", IDX_DTYPES, ids=param_id)
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_backward(backend, idx_dtype, dtype, shape):
     skip_if_heavy_interpreted(backend, *shape)
@@ -192,7 +185,7 @@ def test_gradcheck(backend):
     assert torch.autograd.gradcheck(lambda t: ops.scatter_rows(t, ids, 6, backend=backend), (y,))
 
 
-@pytest.mark.parametrize("dtype", DTYPES, ids=_id)
+@pytest.mark.parametrize("dtype", DTYPES, ids=param_id)
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_roundtrip_and_masking(backend, dtype):
     skip_if_heavy_interpreted(backend, 8, 197, 49, 768)

@@ -344,3 +344,42 @@ def test_distributed_info_nce_equals_single_process(tmp_path):
         # DDP averages gradients over ranks; all_gather's backward sums every rank's contribution.
         torch.testing.assert_close(res["g1"] / world, z1.grad[r * b:(r + 1) * b], rtol=1e-4, atol=1e-6)
         torch.testing.assert_close(res["g2"] / world, z2.grad[r * b:(r + 1) * b], rtol=1e-4, atol=1e-6)
+
+
+def _masked_neighbour_fraction(mask, grid):
+    m = mask.view(-1, grid, grid)
+    neighbours = torch.zeros_like(m)
+    neighbours[:, 1:] += m[:, :-1]
+    neighbours[:, :-1] += m[:, 1:]
+    neighbours[:, :, 1:] += m[:, :, :-1]
+    neighbours[:, :, :-1] += m[:, :, 1:]
+    count = torch.ones_like(m) * 4
+    count[:, 0] -= 1
+    count[:, -1] -= 1
+    count[:, :, 0] -= 1
+    count[:, :, -1] -= 1
+    return float((neighbours / count)[m > 0].mean())
+
+
+def test_block_masking_removes_exact_counts_in_blocks():
+    grid, keep = 14, 49
+    result = ops.block_masking(200, grid, keep, seed=3)
+    L = grid * grid
+    assert torch.all(result.mask.sum(1) == L - keep)
+    rows = torch.arange(200)[:, None]
+    assert torch.equal(result.ids_restore[rows, result.ids_keep], torch.arange(keep).expand(200, -1))
+    assert torch.all(result.mask[rows, result.ids_keep] == 0)
+    assert torch.equal(ops.block_masking(200, grid, keep, seed=3).ids_keep, result.ids_keep)
+    # Removed patches cluster: far more of their neighbours are removed than under random masking.
+    random = ops.random_masking(200, L, keep, seed=3)
+    assert _masked_neighbour_fraction(result.mask, grid) > _masked_neighbour_fraction(random.mask, grid) + 0.08
+
+
+def test_model_with_block_masking_trains():
+    torch.manual_seed(0)
+    model = MVMAE(MVMAEConfig(**TINY_CONFIG, masking="block"))
+    out = model(torch.randn(3, 2, 3, 32, 32), seed=2)
+    assert torch.all(out.mask.sum(-1) == L - int(L * 0.2))
+    out.loss.backward()
+    with pytest.raises(NotImplementedError, match="attention"):
+        MVMAEConfig(masking="attention")

@@ -14,6 +14,7 @@ import mvmae_fast  # noqa: E402
 from mvmae_fast import ops  # noqa: E402
 
 from mvmae_helpers import (  # noqa: E402
+    param_id,
     BACKENDS,
     assert_bitwise_equal,
     check_gather,
@@ -35,28 +36,20 @@ DTYPES = [torch.float32, torch.float16, torch.bfloat16]
 IDX_DTYPES = [torch.int32, torch.int64]
 
 
-def _id(v):
-    if isinstance(v, torch.dtype):
-        return str(v).replace("torch.", "")
-    if isinstance(v, tuple):
-        return "x".join(map(str, v))
-    return str(v)
-
-
 # --------------------------------------------------------------------------- #
 # forward correctness
 # --------------------------------------------------------------------------- #
-@pytest.mark.parametrize("shape", SHAPES, ids=_id)
-@pytest.mark.parametrize("idx_dtype", IDX_DTYPES, ids=_id)
-@pytest.mark.parametrize("dtype", DTYPES, ids=_id)
+@pytest.mark.parametrize("shape", SHAPES, ids=param_id)
+@pytest.mark.parametrize("idx_dtype", IDX_DTYPES, ids=param_id)
+@pytest.mark.parametrize("dtype", DTYPES, ids=param_id)
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_gather(backend, dtype, idx_dtype, shape):
     check_gather(backend, dtype, idx_dtype, *shape)
 
 
-@pytest.mark.parametrize("shape", SHAPES, ids=_id)
-@pytest.mark.parametrize("idx_dtype", IDX_DTYPES, ids=_id)
-@pytest.mark.parametrize("dtype", DTYPES, ids=_id)
+@pytest.mark.parametrize("shape", SHAPES, ids=param_id)
+@pytest.mark.parametrize("idx_dtype", IDX_DTYPES, ids=param_id)
+@pytest.mark.parametrize("dtype", DTYPES, ids=param_id)
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_scatter(backend, dtype, idx_dtype, shape):
     check_scatter(backend, dtype, idx_dtype, *shape)
@@ -65,15 +58,15 @@ def test_scatter(backend, dtype, idx_dtype, shape):
 EXTRA_SHAPES = [(2, 9, 4, 1), (1, 6, 3, 700), (2, 33, 7, 129), (1, 4, 2, 1100)]  # D > kernel blocks
 
 
-@pytest.mark.parametrize("shape", EXTRA_SHAPES, ids=_id)
-@pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=_id)
+@pytest.mark.parametrize("shape", EXTRA_SHAPES, ids=param_id)
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=param_id)
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_extra_shapes_and_float64(backend, dtype, shape):
     check_gather(backend, dtype, torch.int64, *shape)
     check_scatter(backend, dtype, torch.int32, *shape)
 
 
-@pytest.mark.parametrize("dtype", DTYPES, ids=_id)
+@pytest.mark.parametrize("dtype", DTYPES, ids=param_id)
 @pytest.mark.parametrize("backend", ["torch", "cpp"])
 def test_large_vit_base_shape(backend, dtype):
     """B=8, L=197, K=49, D=768 (ViT-B); too slow for the Triton interpreter."""
@@ -140,17 +133,17 @@ def test_outputs_do_not_alias_inputs():
 GRAD_SHAPES = [(2, 50, 12, 16), (3, 197, 49, 8), (2, 1, 1, 3)]
 
 
-@pytest.mark.parametrize("shape", GRAD_SHAPES, ids=_id)
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=_id)
-@pytest.mark.parametrize("idx_dtype", IDX_DTYPES, ids=_id)
+@pytest.mark.parametrize("shape", GRAD_SHAPES, ids=param_id)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=param_id)
+@pytest.mark.parametrize("idx_dtype", IDX_DTYPES, ids=param_id)
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_gather_backward(backend, idx_dtype, dtype, shape):
     check_gather_grad(backend, dtype, idx_dtype, *shape)
 
 
-@pytest.mark.parametrize("shape", GRAD_SHAPES, ids=_id)
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=_id)
-@pytest.mark.parametrize("idx_dtype", IDX_DTYPES, ids=_id)
+@pytest.mark.parametrize("shape", GRAD_SHAPES, ids=param_id)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=param_id)
+@pytest.mark.parametrize("idx_dtype", IDX_DTYPES, ids=param_id)
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_scatter_backward(backend, idx_dtype, dtype, shape):
     check_scatter_grad(backend, dtype, idx_dtype, *shape)
@@ -178,14 +171,14 @@ def test_gradgradcheck(backend):
 # --------------------------------------------------------------------------- #
 # round trip and use together with random_masking
 # --------------------------------------------------------------------------- #
-@pytest.mark.parametrize("dtype", DTYPES, ids=_id)
+@pytest.mark.parametrize("dtype", DTYPES, ids=param_id)
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_roundtrip(backend, dtype):
     check_roundtrip(backend, dtype, 3, 197, 49, 16)
     check_roundtrip(backend, dtype, 2, 50, 50, 8)
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=_id)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=param_id)
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_with_random_masking(backend, dtype):
     check_with_masking(backend, dtype, 3, 197, 49, 24, seed=5)

@@ -74,8 +74,8 @@ class MVMAEConfig:
             raise ValueError(f"pool must be one of {POOLS}, got {self.pool!r}")
         if self.masking not in MASKINGS:
             raise ValueError(f"masking must be one of {MASKINGS}, got {self.masking!r}")
-        if self.masking != "random":
-            raise NotImplementedError(f"masking={self.masking!r} is not implemented yet; use 'random'")
+        if self.masking == "attention":
+            raise NotImplementedError("masking='attention' (AMT) is not implemented yet; use 'random' or 'block'")
         check_mask_ratio(self.mask_ratio, self.num_patches)
         if self.w_con < 0 or self.w_rec < 0:
             raise ValueError(f"w_rec and w_con must be >= 0, got {self.w_rec} and {self.w_con}")
@@ -202,6 +202,9 @@ class MVMAE(nn.Module):
                 raise ValueError(f"noise must have shape ({batch}, {self.patch_embed.num_patches}), "
                                  f"got {tuple(noise.shape)}")
             return ops.masking_from_noise(noise.to(device), keep)
+        if self.config.masking == "block":
+            seed = ops.masking.resolve_seed(seed)
+            return ops.block_masking(batch, self.patch_embed.grid_size, keep, seed, device=device)
         return ops.random_masking(batch, self.patch_embed.num_patches, keep, device=device, seed=seed)
 
     def _encode(self, imgs, ids_keep):

@@ -26,7 +26,9 @@ def _keys(i, t0, t1):
     return (hi << 31) | lo
 
 
-@triton.jit
+# The seed words are plain runtime values: specialising on them (e.g. a word equal to 1) would
+# compile a new kernel for a new seed.
+@triton.jit(do_not_specialize=["s0", "s1"])
 def _random_masking_kernel(ids_keep_ptr, ids_restore_ptr, mask_ptr, L, K, s0, s1,
                            BLOCK_I: tl.constexpr, BLOCK_J: tl.constexpr):
     b = tl.program_id(0)
