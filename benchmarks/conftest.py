@@ -20,7 +20,8 @@ def pytest_report_header(config):
 
 def pytest_generate_tests(metafunc):
     """Parametrize ``device`` x ``provider`` over what can run here: the module's REFERENCE_PROVIDERS
-    (plain-PyTorch baselines) and every mvmae_fast backend available on the device."""
+    (plain-PyTorch baselines) and every mvmae_fast backend available on the device, out of the
+    module's IMPLEMENTED (default: all three)."""
     if "device" not in metafunc.fixturenames:
         return
     if "provider" not in metafunc.fixturenames:
@@ -29,7 +30,8 @@ def pytest_generate_tests(metafunc):
     from mvmae_fast import available_backends
 
     baselines = getattr(metafunc.module, "REFERENCE_PROVIDERS", ("reference",))
-    cases = [(torch.device(d), p) for d in DEVICES for p in (*baselines, *available_backends(d))]
+    implemented = getattr(metafunc.module, "IMPLEMENTED", ("torch", "cpp", "triton"))
+    cases = [(torch.device(d), p) for d in DEVICES for p in (*baselines, *available_backends(d, implemented))]
     metafunc.parametrize("device,provider", cases, ids=[f"{d}-{p}" for d, p in cases])
 
 
