@@ -10,6 +10,9 @@ import pytest
 import torch
 
 SIZE = os.environ.get("MVMAE_FAST_BENCH_SIZE", "full")
+# images/s of the reference provider per (device type, case), so later providers in the same run
+# can record their ratio to it.
+RESULTS = {}
 DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
 
 

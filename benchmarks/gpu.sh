@@ -18,6 +18,7 @@ python -m pytest tests/test_cuda.py -q -rs
 gpu=$(python -c "import torch; print(torch.cuda.get_device_name().replace(' ', '_'))")
 if python -c "import pytest_benchmark" 2>/dev/null; then
     python -m pytest benchmarks/ --benchmark-only -q --benchmark-json "$results/$gpu.json"
+    python benchmarks/report.py "$results/$gpu.json"
 else
     echo "pytest-benchmark is not installed here: skipping the benchmark suite"
 fi

@@ -1,0 +1,156 @@
+"""Whole training steps (forward + backward + AdamW step): the reference MAE against mvmae_fast.
+
+Providers, at identical shapes, dtype, batch and (for the MAE cases) mask ratio:
+  reference         the official MAE's semantics (mvmae_fast.reference_mae): explicit attention as
+                    timm 0.3.2 computed it, .repeat-indexed gathers, loss over all patches
+  reference_sdpa_compiled   the same model with SDPA attention, under torch.compile: the strongest
+                    plain-PyTorch peer (skipped on CPU at tiny size: compiling costs ~1 min)
+  mae               mvmae_fast's MaskedAutoencoderViT (default backends: triton on CUDA, cpp on CPU)
+  mvmae             mvmae_fast's MV-MAE: two views, 80% mask, projector + InfoNCE (the goal: images/s
+                    at least the reference's single-view MAE at 75%)
+
+CUDA: bf16 autocast, GPU-resident synthetic batches, ViT-B/16 at 224 px batch 256 (and ViT-L).
+CPU: the micro preset (32 px, 4 px patches), batch 64, fp32. extra_info records images/s, the ratio
+to the reference in this run, peak memory (CUDA), MFU = training FLOPs per image (mvmae_fast.training:
+3 x forward, forward = 2 x MACs of linears and attention matmuls) x images/s / 989 TFLOP/s on an
+H100/H200, device, torch and triton versions.
+"""
+
+import types
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from conftest import SIZE, RESULTS
+from mvmae_fast import reference_mae, training
+from mvmae_fast.models import MaskedAutoencoderViT, MVMAE, MVMAEConfig, PRESETS
+
+PROVIDERS = ["reference", "reference_sdpa_compiled", "mae", "mvmae"]
+PEAK_FLOPS = {"H100": 989e12, "H200": 989e12, "A100": 312e12}
+
+
+CASES = {"vit_base_patch16": 256, "vit_large_patch16": 128, "vit_micro_patch4_32": 64}
+
+
+def batch_for(device, preset):
+    """The batch of ``preset`` on ``device``, or None when the case does not run there."""
+    big = preset != "vit_micro_patch4_32"
+    if big != (device.type == "cuda" and SIZE != "tiny"):
+        return None
+    return 4 if SIZE == "tiny" else CASES[preset]
+
+
+def sdpa_forward(self, x):
+    B, N, C = x.shape
+    q, k, v = self.qkv(x).reshape(B, N, 3, self.num_heads, C // self.num_heads).permute(2, 0, 3, 1, 4)
+    return self.proj(F.scaled_dot_product_attention(q, k, v).transpose(1, 2).reshape(B, N, C))
+
+
+def build(provider, preset, device):
+    p = PRESETS[preset]
+    kwargs = dict(img_size=p["img_size"], patch_size=p["patch_size"], embed_dim=p["embed_dim"], depth=p["depth"],
+                  num_heads=p["num_heads"], decoder_embed_dim=p["dec_dim"], decoder_depth=p["dec_depth"],
+                  decoder_num_heads=p["dec_heads"], norm_pix_loss=True)
+    if provider.startswith("reference"):
+        model = reference_mae.MaskedAutoencoderViT(**kwargs).to(device)
+        if provider == "reference_sdpa_compiled":
+            for block in [*model.blocks, *model.decoder_blocks]:
+                block.attn.forward = types.MethodType(sdpa_forward, block.attn)
+        config = MVMAEConfig(**p, views=1, w_con=0.0, mask_ratio=0.75)
+    elif provider == "mae":
+        model = MaskedAutoencoderViT(**kwargs).to(device)
+        config = model.config
+    else:
+        model = MVMAE(MVMAEConfig(**p)).to(device)
+        config = model.config
+    return model, config
+
+
+def make_step(provider, model, device, batch, config):
+    fused = device.type == "cuda"
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-4, betas=(0.9, 0.95), fused=fused or None)
+    shape = (batch, 2, 3, config.img_size, config.img_size) if provider == "mvmae" else (
+        batch, 3, config.img_size, config.img_size)
+    imgs = torch.randn(shape, device=device)
+    amp = torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda")
+    forward = torch.compile(model) if provider == "reference_sdpa_compiled" else model
+    counter = {"step": 0}
+
+    def step():
+        counter["step"] += 1
+        with amp:
+            if provider == "mvmae":
+                loss = forward(imgs, seed=counter["step"]).loss
+            elif provider.startswith("reference"):
+                loss = forward(imgs, mask_ratio=0.75)[0]
+            else:
+                loss = forward(imgs, mask_ratio=0.75, seed=counter["step"])[0]
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        return loss
+
+    return step
+
+
+@pytest.mark.parametrize("preset", list(CASES))
+@pytest.mark.parametrize("variant", PROVIDERS)
+def test_training_step(benchmark, device, variant, preset):
+    batch = batch_for(device, preset)
+    if batch is None:
+        pytest.skip(f"{preset} runs on {'CUDA' if preset != 'vit_micro_patch4_32' else 'the CPU'} only")
+    if variant == "reference_sdpa_compiled" and device.type == "cpu" and SIZE == "tiny":
+        pytest.skip("compiling on the CPU takes about a minute; run at full size")
+    torch.manual_seed(0)
+    model, config = build(variant, preset, device)
+    step = make_step(variant, model, device, batch, config)
+    for _ in range(2 if SIZE == "tiny" else 5):  # warm-up (and compilation)
+        step()
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        for _ in range(10):
+            step()
+        end.record()
+        torch.cuda.synchronize()
+        event_ms = start.elapsed_time(end) / 10
+
+        def timed_step():
+            step()
+            torch.cuda.synchronize()
+    else:
+        timed_step = step
+    loss = benchmark.pedantic(timed_step, rounds=3 if SIZE == "tiny" else 10, iterations=1)
+    assert torch.isfinite(loss.detach()).item()
+
+    info = benchmark.extra_info
+    info.update(case=f"{preset} batch {batch}", provider=variant, torch=torch.__version__,
+                device=torch.cuda.get_device_name() if device.type == "cuda" else "cpu")
+    try:
+        import triton
+
+        info["triton"] = triton.__version__
+    except ImportError:
+        pass
+    stats = getattr(benchmark, "stats", None)
+    if stats is None:  # --benchmark-disable: each case ran once as a plain test
+        return
+    seconds = event_ms / 1e3 if device.type == "cuda" else stats.stats.median
+    ips = batch / seconds
+    info["images_per_s"] = round(ips, 1)
+    key = (device.type, preset, batch)
+    if variant == "reference":
+        RESULTS[key] = ips
+    if key in RESULTS:
+        info["ratio_to_reference"] = round(ips / RESULTS[key], 3)
+    if device.type == "cuda":
+        info["cuda_event_ms"] = round(event_ms, 3)
+        info["peak_memory_GB"] = round(torch.cuda.max_memory_allocated() / 2**30, 2)
+        peak = next((v for k, v in PEAK_FLOPS.items() if k in info["device"]), None)
+        if peak:
+            flops = training.training_flops_per_image(config)
+            info["MFU_percent"] = round(100 * flops * ips / peak, 1)
+            info["flops_formula"] = "3 x 2 x MACs(linears + attention matmuls) per image, all views"
