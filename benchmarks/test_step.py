@@ -5,7 +5,8 @@ Providers, at identical shapes, dtype, batch and (for the MAE cases) mask ratio:
                     timm 0.3.2 computed it, .repeat-indexed gathers, loss over all patches
   reference_sdpa_compiled   the same model with SDPA attention, under torch.compile: the strongest
                     plain-PyTorch peer (skipped on CPU at tiny size: compiling costs ~1 min)
-  mae               mvmae_fast's MaskedAutoencoderViT (default backends: triton on CUDA, cpp on CPU)
+  mae               mvmae_fast's MAE as train/pretrain.py runs it (MVMAE with views=1, w_con=0, mask
+                    0.75; prediction head on removed patches only; default backends)
   mvmae             mvmae_fast's MV-MAE: two views, 80% mask, projector + InfoNCE (the goal: images/s
                     at least the reference's single-view MAE at 75%)
 
@@ -24,7 +25,7 @@ import torch.nn.functional as F
 
 from conftest import SIZE, RESULTS
 from mvmae_fast import reference_mae, training
-from mvmae_fast.models import MaskedAutoencoderViT, MVMAE, MVMAEConfig, PRESETS
+from mvmae_fast.models import MVMAE, MVMAEConfig, PRESETS
 
 PROVIDERS = ["reference", "reference_sdpa_compiled", "mae", "mvmae"]
 PEAK_FLOPS = {"H100": 989e12, "H200": 989e12, "A100": 312e12}
@@ -59,8 +60,8 @@ def build(provider, preset, device):
                 block.attn.forward = types.MethodType(sdpa_forward, block.attn)
         config = MVMAEConfig(**p, views=1, w_con=0.0, mask_ratio=0.75)
     elif provider == "mae":
-        model = MaskedAutoencoderViT(**kwargs).to(device)
-        config = model.config
+        config = MVMAEConfig(**p, views=1, w_con=0.0, mask_ratio=0.75)
+        model = MVMAE(config).to(device)
     else:
         model = MVMAE(MVMAEConfig(**p)).to(device)
         config = model.config
@@ -80,12 +81,10 @@ def make_step(provider, model, device, batch, config):
     def step():
         counter["step"] += 1
         with amp:
-            if provider == "mvmae":
-                loss = forward(imgs, seed=counter["step"]).loss
-            elif provider.startswith("reference"):
+            if provider.startswith("reference"):
                 loss = forward(imgs, mask_ratio=0.75)[0]
             else:
-                loss = forward(imgs, mask_ratio=0.75, seed=counter["step"])[0]
+                loss = forward(imgs, seed=counter["step"], return_pred=False).loss
         loss.backward()
         opt.step()
         opt.zero_grad(set_to_none=True)

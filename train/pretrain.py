@@ -373,7 +373,7 @@ def run(args):
                 last_micro = (batch_idx + 1) % args.accum_iter == 0
                 sync = contextlib.nullcontext() if last_micro or world == 1 else train_model.no_sync()
                 with sync, torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
-                    out = train_model(imgs, seed=training.mask_seed(args.seed, micro, rank, world))
+                    out = train_model(imgs, seed=training.mask_seed(args.seed, micro, rank, world), return_pred=False)
                     finite = torch.isfinite(out.loss.detach()).float()
                     if world > 1:
                         dist.all_reduce(finite, op=dist.ReduceOp.MIN)

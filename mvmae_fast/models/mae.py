@@ -103,11 +103,17 @@ def check_mask_ratio(mask_ratio, num_patches):
     return keep
 
 
+def removed_ids(ids_restore, keep):
+    """(B, L - keep) ids of the removed patches, from the inverse permutation (a scatter, no sort)."""
+    positions = torch.arange(ids_restore.shape[1], device=ids_restore.device).expand_as(ids_restore)
+    return torch.empty_like(ids_restore).scatter_(1, ids_restore, positions)[:, keep:]
+
+
 class MVMAEOutput(NamedTuple):
     loss: torch.Tensor  # w_rec * mean(loss_rec) + w_con * loss_con
     loss_rec: torch.Tensor  # (V,) reconstruction loss per view
     loss_con: torch.Tensor  # InfoNCE (0 without the contrastive loss)
-    pred: torch.Tensor  # (V, B, L, p*p*C) predicted (normalised, with norm_pix_loss) patches
+    pred: torch.Tensor  # (V, B, L, p*p*C) predicted (normalised, with norm_pix_loss) patches, or None
     mask: torch.Tensor  # (V, B, L) 1 = removed
 
 
@@ -208,33 +214,38 @@ class MVMAE(nn.Module):
         return ops.random_masking(batch, self.patch_embed.num_patches, keep, device=device, seed=seed)
 
     def _encode(self, imgs, ids_keep):
-        x = self.patch_embed(imgs) + self.pos_embed[:, 1:]
-        x = ops.gather_rows(x, ids_keep, check_indices=False)  # ids come from our own masking
+        # Patch embedding on the kept patches only: their pixels are gathered straight from the
+        # image and the pos-embed rows (plus the bias) are added in the GEMM's epilogue.
+        x = ops.embed_visible_patches(imgs, ids_keep, self.patch_embed.proj.weight, self.patch_embed.proj.bias,
+                                      self.pos_embed, check_indices=False)  # ids come from our own masking
         cls = (self.cls_token + self.pos_embed[:, :1]).expand(x.shape[0], -1, -1)
         x = torch.cat([cls.to(x.dtype), x], dim=1)
         for block in self.blocks:
             x = block(x)
         return self.norm(x)
 
-    def _decode(self, latent, ids_keep, mask):
-        x = self.decoder_embed(latent)
-        visible = ops.scatter_rows(x[:, 1:], ids_keep, mask.shape[1], check_indices=False)
-        tokens = torch.where(mask.unsqueeze(-1) > 0, self.mask_token.to(visible.dtype), visible)
-        x = torch.cat([x[:, :1], tokens], dim=1) + self.decoder_pos_embed
+    def _decoder_tokens(self, latent, ids_restore):
+        """The decoder's output tokens (B, L, Dd) in patch order, cls dropped."""
+        x = ops.decoder_unshuffle(self.decoder_embed(latent), ids_restore, self.mask_token, self.decoder_pos_embed,
+                                  check_indices=False)
         for block in self.decoder_blocks:
             x = block(x)
-        return self.decoder_pred(self.decoder_norm(x))[:, 1:]
+        return x[:, 1:]
+
+    def _predict(self, tokens):
+        return self.decoder_pred(self.decoder_norm(tokens))
 
     def _pool(self, latent):
         return latent[:, 0] if self.config.pool == "cls" else latent[:, 1:].mean(dim=1)
 
-    def forward(self, imgs, mask_ratio=None, noise=None, seed=None):
+    def forward(self, imgs, mask_ratio=None, noise=None, seed=None, return_pred=True):
         """One training step's forward pass.
 
         imgs: (B, C, H, W) for one view (or for one_crop), or (B, V, C, H, W) with the views.
         mask_ratio: overrides the config's for this call. noise: (V*B, L) or (V, B, L) per-patch
         noise with MAE's argsort semantics, to reproduce a given mask; else a mask is drawn from
-        ``seed`` (or torch's global RNG).
+        ``seed`` (or torch's global RNG). ``return_pred=False`` runs the prediction head on the
+        removed patches only (all the loss needs) and returns ``pred=None``: the training fast path.
         """
         c = self.config
         self._check_images(imgs)
@@ -243,14 +254,20 @@ class MVMAE(nn.Module):
         if c.contrastive and B < 2:
             raise ValueError("the contrastive loss needs a batch of at least 2 images (one has no negatives)")
         masks = self._masks(V * B, c.mask_ratio if mask_ratio is None else mask_ratio, noise, seed, imgs.device)
+        keep = masks.ids_keep.shape[1]
         latent = self._encode(inputs.reshape(V * B, *inputs.shape[2:]), masks.ids_keep)
-        pred = self._decode(latent, masks.ids_keep, masks.mask).view(V, B, *masks.mask.shape[1:], -1)
-        mask = masks.mask.view(V, B, -1)
-        loss_rec = torch.stack([
-            ops.masked_recon_loss(pred[v], targets[min(v, targets.shape[0] - 1)], mask[v],
-                                  c.patch_size, c.norm_pix_loss)
-            for v in range(V)
-        ])
+        tokens = self._decoder_tokens(latent, masks.ids_restore)
+        ids_removed = removed_ids(masks.ids_restore, keep)
+        pred = None
+        if return_pred:
+            pred = self._predict(tokens)
+            pred_rows = ops.gather_rows(pred, ids_removed, check_indices=False)
+            pred = pred.view(V, B, *pred.shape[1:])
+        else:
+            pred_rows = self._predict(ops.gather_rows(tokens, ids_removed, check_indices=False))
+        # Both views' losses in one launch; the target patches are read from the images directly.
+        loss_rec = ops.masked_recon_loss_rows(pred_rows, targets.expand(V, *targets.shape[1:]), ids_removed,
+                                              c.patch_size, c.norm_pix_loss, views=V, check_indices=False)
         loss = c.w_rec * loss_rec.mean()
         if c.contrastive:
             z = F.normalize(self.projector(self._pool(latent)).float(), dim=-1)
@@ -260,7 +277,7 @@ class MVMAE(nn.Module):
             loss = loss + c.w_con * loss_con
         else:
             loss_con = loss.new_zeros(())
-        return MVMAEOutput(loss, loss_rec, loss_con, pred, mask)
+        return MVMAEOutput(loss, loss_rec, loss_con, pred, masks.mask.view(V, B, -1))
 
     # -- evaluation and export ------------------------------------------------------------------
     def forward_features(self, imgs):
@@ -349,9 +366,7 @@ class MaskedAutoencoderViT(MVMAE):
         return self._encode(imgs, masks.ids_keep), masks.mask, masks.ids_restore
 
     def forward_decoder(self, latent, ids_restore):
-        keep = latent.shape[1] - 1
-        ids_keep = torch.argsort(ids_restore, dim=1)[:, :keep]
-        return self._decode(latent, ids_keep, (ids_restore >= keep).to(latent.dtype))
+        return self._predict(self._decoder_tokens(latent, ids_restore))
 
     def forward_loss(self, imgs, pred, mask):
         return ops.masked_recon_loss(pred, imgs, mask, self.config.patch_size, self.config.norm_pix_loss)

@@ -2,19 +2,27 @@
 implementation for ``torch.compile``, registered autograd, and three backends."""
 
 from .attention import attention
-from .info_nce import info_nce
+from .info_nce import info_nce, info_nce_rows
 from .masking import MaskingResult, masking_from_noise, random_masking
 from .masking.block import block_masking
-from .recon_loss import masked_recon_loss, patchify, unpatchify
+from .patch_embed import embed_visible_patches, gather_table_rows, gather_visible_patches
+from .recon_loss import masked_recon_loss, masked_recon_loss_rows, patchify, unpatchify
 from .rows import gather_rows, scatter_rows
+from .unshuffle import decoder_unshuffle
 
 __all__ = [
     "MaskingResult",
     "attention",
     "block_masking",
+    "decoder_unshuffle",
+    "embed_visible_patches",
     "gather_rows",
+    "gather_table_rows",
+    "gather_visible_patches",
     "info_nce",
+    "info_nce_rows",
     "masked_recon_loss",
+    "masked_recon_loss_rows",
     "masking_from_noise",
     "patchify",
     "random_masking",

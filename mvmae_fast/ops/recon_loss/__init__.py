@@ -3,11 +3,20 @@
 Per patch: mean over its p*p*C values of (pred - target)^2, where target is the patchified image,
 normalised per patch (mean 0, divided by sqrt(unbiased var + 1e-6)) when ``norm_pix_loss``. The view
 loss is the sum over removed patches divided by their number; visible patches do not count.
+
+``masked_recon_loss`` takes predictions for every patch and a mask (the reference MAE's interface);
+``masked_recon_loss_rows`` takes predictions for the removed patches only, with their indices, and
+can do every view in one call. Its triton backend reads the targets from the image, never
+materialising them; its backward pass writes the gradient of the prediction directly.
 """
 
 import torch
 
-from ..._utils import check_tensor
+from ... import backends
+from ..._utils import check_int, check_tensor, device_guard, new_output
+
+_IMPLEMENTED = ("torch", "triton")
+_INDEX_DTYPES = (torch.int32, torch.int64)
 
 _DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
@@ -53,3 +62,159 @@ def masked_recon_loss(pred, imgs, mask, patch_size, norm_pix_loss=True):
         raise ValueError(f"mask must have shape {tuple(pred.shape[:2])}, got {tuple(mask.shape)}")
     per_patch = ((pred - target) ** 2).mean(dim=-1)
     return (per_patch * mask).sum() / mask.sum()
+
+
+def _check_rows(pred, imgs, ids_removed, patch_size):
+    """pred (V*B, M, P), imgs (V, B, C, H, W), ids_removed (V*B, M)."""
+    check_tensor("pred", pred, 3, _DTYPES, "(V*B, M, p*p*C)")
+    check_tensor("imgs", imgs, 5, _DTYPES, "(V, B, C, H, W)")
+    check_tensor("ids_removed", ids_removed, 2, _INDEX_DTYPES, "(V*B, M)")
+    check_int("patch_size", patch_size, minimum=1)
+    if pred.device != imgs.device or ids_removed.device != pred.device:
+        raise ValueError(f"pred, imgs and ids_removed must be on one device, got {pred.device}, "
+                         f"{imgs.device} and {ids_removed.device}")
+    V, B, C, H, W = imgs.shape
+    if min(V, B, C, H, W) == 0:
+        raise ValueError(f"imgs has an empty dimension: shape {tuple(imgs.shape)}")
+    if H % patch_size or W % patch_size:
+        raise ValueError(f"image size {H}x{W} is not a multiple of patch_size {patch_size}")
+    if pred.shape[0] != V * B:
+        raise ValueError(f"pred holds {pred.shape[0]} samples but imgs {V} views of {B}")
+    if pred.shape[2] != patch_size * patch_size * C:
+        raise ValueError(f"pred rows have {pred.shape[2]} values; patches of {patch_size}x{patch_size}x{C} "
+                         f"have {patch_size * patch_size * C}")
+    if pred.shape[1] == 0:
+        raise ValueError("pred must hold at least one removed patch per sample, got shape (N, 0, P)")
+    if ids_removed.shape != pred.shape[:2]:
+        raise ValueError(f"ids_removed must have shape {tuple(pred.shape[:2])}, got {tuple(ids_removed.shape)}")
+
+
+def _check_index_values(ids_removed, num_patches):
+    low, high = (int(v) for v in torch.aminmax(ids_removed))
+    if low < 0 or high >= num_patches:
+        raise ValueError(f"ids_removed must lie in [0, {num_patches}); found values from {low} to {high}")
+
+
+def _loss_dtype(pred, imgs):
+    """As ``masked_recon_loss`` with a float32 mask: at least float32."""
+    return torch.promote_types(torch.promote_types(pred.dtype, imgs.dtype), torch.float32)
+
+
+def _recon_rows_torch(pred, imgs, ids_removed, patch_size, norm_pix_loss):
+    """The view losses (V,) in plain PyTorch: patchify everything, gather the removed rows."""
+    V, B = imgs.shape[:2]
+    target = patch_targets(imgs.reshape(V * B, *imgs.shape[2:]), patch_size, norm_pix_loss)
+    target = torch.gather(target, 1, ids_removed.long().unsqueeze(-1).expand(-1, -1, target.shape[2]))
+    per_patch = ((pred - target) ** 2).mean(dim=-1).to(_loss_dtype(pred, imgs))
+    return per_patch.reshape(V, -1).mean(dim=1)
+
+
+def _num_patches(imgs, patch_size):
+    return (imgs.shape[3] // patch_size) * (imgs.shape[4] // patch_size)
+
+
+@torch.library.custom_op("mvmae_fast::masked_recon_loss_rows", mutates_args=())
+def _recon_rows_op(pred: torch.Tensor, imgs: torch.Tensor, ids_removed: torch.Tensor, patch_size: int,
+                   norm_pix_loss: bool, check_indices: bool) -> torch.Tensor:
+    """The view losses (V,)."""
+    _check_rows(pred, imgs, ids_removed, patch_size)
+    if check_indices:
+        _check_index_values(ids_removed, _num_patches(imgs, patch_size))
+    backends.select_backend("masked_recon_loss_rows", pred.device, "triton", _IMPLEMENTED)
+    from . import triton_impl
+
+    B, M, P = imgs.shape[1], pred.shape[1], pred.shape[2]
+    with device_guard(pred.device):
+        sums = triton_impl.squared_error_sums(pred.contiguous(), imgs, ids_removed.contiguous(), patch_size,
+                                              norm_pix_loss)
+    return (sums / (P * B * M)).to(_loss_dtype(pred, imgs))
+
+
+@_recon_rows_op.register_fake
+def _(pred, imgs, ids_removed, patch_size, norm_pix_loss, check_indices):
+    _check_rows(pred, imgs, ids_removed, patch_size)
+    return pred.new_empty(imgs.shape[0], dtype=_loss_dtype(pred, imgs))
+
+
+@torch.library.custom_op("mvmae_fast::masked_recon_loss_rows_backward", mutates_args=())
+def _recon_rows_backward_op(grad_losses: torch.Tensor, pred: torch.Tensor, imgs: torch.Tensor,
+                            ids_removed: torch.Tensor, patch_size: int, norm_pix_loss: bool) -> torch.Tensor:
+    """d(sum_v grad_losses[v] * loss_v) / d(pred), recomputing the targets from the image."""
+    _check_rows(pred, imgs, ids_removed, patch_size)
+    if grad_losses.shape != (imgs.shape[0],):
+        raise ValueError(f"grad_losses must have shape ({imgs.shape[0]},), got {tuple(grad_losses.shape)}")
+    backends.select_backend("masked_recon_loss_rows", pred.device, "triton", _IMPLEMENTED)
+    from . import triton_impl
+
+    pred = pred.contiguous()
+    grad = new_output(pred.shape, pred.dtype, pred.device)
+    with device_guard(pred.device):
+        triton_impl.grad_pred(grad_losses.contiguous(), pred, imgs, ids_removed.contiguous(), patch_size,
+                              norm_pix_loss, grad)
+    return grad
+
+
+@_recon_rows_backward_op.register_fake
+def _(grad_losses, pred, imgs, ids_removed, patch_size, norm_pix_loss):
+    _check_rows(pred, imgs, ids_removed, patch_size)
+    return torch.empty_like(pred, memory_format=torch.contiguous_format)
+
+
+# The backward pass reads the prediction and the image again rather than keeping a gradient from
+# the forward pass: the same traffic give or take, no extra buffer, and d(pred) is rounded to its
+# dtype once, after the upstream gradient (an fp16 loss scale included) is applied.
+def _recon_rows_setup(ctx, inputs, output):
+    pred, imgs, ids_removed, patch_size, norm_pix_loss, _ = inputs
+    ctx.save_for_backward(pred, imgs, ids_removed)
+    ctx.patch_size, ctx.norm_pix_loss = patch_size, norm_pix_loss
+
+
+def _recon_rows_backward(ctx, grad_losses):
+    if ctx.needs_input_grad[1]:
+        raise NotImplementedError("masked_recon_loss_rows is not differentiable in imgs (use backend='torch')")
+    pred, imgs, ids_removed = ctx.saved_tensors
+    grad = _recon_rows_backward_op(grad_losses, pred, imgs, ids_removed, ctx.patch_size, ctx.norm_pix_loss)
+    return grad, None, None, None, None, None
+
+
+_recon_rows_op.register_autograd(_recon_rows_backward, setup_context=_recon_rows_setup)
+
+
+def masked_recon_loss_rows(pred, imgs, ids_removed, patch_size, norm_pix_loss=True, *, views=None,
+                           check_indices=True, backend=None):
+    """MAE's reconstruction loss from the predictions of the removed patches only.
+
+    pred (N, M, p*p*C): row ``m`` of sample ``n`` predicts patch ``ids_removed[n, m]`` (ids_removed
+    (N, M), int32 or int64, indices into the patchify order). With ``views=None``, imgs (N, C, H, W)
+    and the result is the scalar loss, equal to ``masked_recon_loss(pred_full, imgs, mask, ...)``
+    when pred holds the removed rows of pred_full. With ``views=V``, the views are concatenated
+    along the batch (N = V*B, view-major, as the model stacks them): imgs is (V*B, C, H, W) or
+    (V, B, C, H, W), and the result is (V,), one loss per view, from one launch. The 5-D imgs may
+    be any strided view, read in place: ``imgs.transpose(0, 1)`` of a (B, V, C, H, W) batch, or
+    ``img.expand(V, -1, -1, -1, -1)`` for a target shared by the views.
+
+    Differentiable in pred only. ``check_indices=False`` skips the triton backend's range check of
+    ids_removed (a device sync on CUDA); out-of-range indices then read out of bounds. The torch
+    backend's gather checks them itself.
+    """
+    check_int("patch_size", patch_size, minimum=1)
+    if views is not None:
+        check_int("views", views, minimum=1)
+    if not isinstance(imgs, torch.Tensor) or imgs.dim() not in (4, 5):
+        raise ValueError("imgs must be a (N, C, H, W) or (V, B, C, H, W) tensor")
+    if imgs.dim() == 5:
+        if views is None or imgs.shape[0] != views:
+            raise ValueError(f"imgs of shape {tuple(imgs.shape)} needs views={imgs.shape[0]}")
+        imgs5 = imgs
+    else:
+        V = views or 1
+        if imgs.shape[0] % V:
+            raise ValueError(f"imgs holds {imgs.shape[0]} samples, not a multiple of views={V}")
+        imgs5 = imgs.unflatten(0, (V, imgs.shape[0] // V))
+    _check_rows(pred, imgs5, ids_removed, patch_size)
+    name = backends.select_backend("masked_recon_loss_rows", pred.device, backend or "", _IMPLEMENTED)
+    if name == "torch":
+        losses = _recon_rows_torch(pred, imgs5, ids_removed, patch_size, norm_pix_loss)
+    else:
+        losses = _recon_rows_op(pred, imgs5, ids_removed, patch_size, norm_pix_loss, check_indices)
+    return losses if views is not None else losses[0]

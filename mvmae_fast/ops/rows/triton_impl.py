@@ -4,15 +4,20 @@ The gather copies one row per program. The scatter gives each program a tile of 
 finds which index (if any) points at each row by comparing the tile against the sample's indices,
 then writes every row of the tile once: the source row or zeros. Indices are unique, so no atomics,
 no zero-fill pass and no inverse-index tensor.
+
+The kept count K is a runtime value that is not specialised on (``do_not_specialize``) and the
+indices are scanned in fixed SCATTER_BLOCK_K blocks, so a new K never compiles a new kernel; block
+sizes depend only on D. Indices may be int32 or int64.
 """
 
 import triton
 import triton.language as tl
 
 SCATTER_BLOCK_L = 16
+SCATTER_BLOCK_K = 64
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["K"])
 def _gather_rows_kernel(x_ptr, ids_ptr, out_ptr, L, K, D, BLOCK_D: tl.constexpr):
     r = tl.program_id(0).to(tl.int64)
     b = r // K
@@ -24,7 +29,7 @@ def _gather_rows_kernel(x_ptr, ids_ptr, out_ptr, L, K, D, BLOCK_D: tl.constexpr)
         tl.store(dst + d, tl.load(src + d, mask=keep), mask=keep)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["K"])
 def _scatter_rows_kernel(y_ptr, ids_ptr, out_ptr, L, K, D, row_tiles,
                          BLOCK_L: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_D: tl.constexpr):
     pid = tl.program_id(0)
@@ -59,4 +64,4 @@ def scatter_rows(y, ids, out):
     row_tiles = triton.cdiv(L, SCATTER_BLOCK_L)
     _scatter_rows_kernel[(B * row_tiles,)](
         y, ids, out, L, K, D, row_tiles, BLOCK_L=SCATTER_BLOCK_L,
-        BLOCK_K=min(triton.next_power_of_2(K), 128), BLOCK_D=min(triton.next_power_of_2(D), 256))
+        BLOCK_K=SCATTER_BLOCK_K, BLOCK_D=min(triton.next_power_of_2(D), 256))
