@@ -2,7 +2,8 @@
 # One command for a GPU machine that has torch, triton and nvcc but no package index:
 #   bash benchmarks/gpu.sh [results-dir]
 # installs mvmae_fast offline with its CUDA kernels, runs the GPU correctness tests (every backend,
-# fp32/fp16/bf16) and then the benchmark suite, writing <results-dir>/<GPU name>.json.
+# fp32/fp16/bf16, every Triton kernel against its torch reference), then the benchmark suite,
+# writing <results-dir>/<GPU name>.json and its Markdown/PNG report.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 results="${1:-benchmarks/results}"
@@ -13,7 +14,7 @@ python -c "import mvmae_fast._ext as e; assert e.cuda_compiled(), 'mvmae_fast._C
 
 # Native Triton for CUDA tensors (tests/conftest.py turns the interpreter on only if unset).
 export TRITON_INTERPRET=0
-python -m pytest tests/test_cuda.py -q -rs
+python -m pytest tests/test_cuda.py tests/test_cuda_kernels.py -q -rs
 
 gpu=$(python -c "import torch; print(torch.cuda.get_device_name().replace(' ', '_'))")
 if python -c "import pytest_benchmark" 2>/dev/null; then
