@@ -1,36 +1,147 @@
 """``attention``: non-causal multi-head self-attention straight from the fused qkv projection.
 
-Input ``qkv`` (B, N, 3*H*Dh) laid out as (B, N, 3, H, Dh), the output of ``Linear(D, 3D)``; output
-(B, N, H*Dh), ready for the output projection. The ``torch`` backend (PyTorch's
-``scaled_dot_product_attention``) is the reference; faster backends register here.
+Input ``qkv`` (B, N, 3*H*Dh) laid out as (B, N, 3, H, Dh), the output of ``Linear(D, 3D)``, with any
+strides; output (B, N, H*Dh), ready for the output projection. Scale ``Dh ** -0.5``.
+
+Backends: ``torch`` is PyTorch's ``scaled_dot_product_attention`` (the reference, plain autograd);
+``triton`` is a FlashAttention-2 style kernel pair (see triton_impl.py) reached through the custom ops
+``mvmae_fast::attention`` (qkv, num_heads, backend) -> (out, lse) and
+``mvmae_fast::attention_backward`` (grad_out, qkv, out, lse, num_heads, backend) -> dqkv, so
+``torch.compile`` traces through it. The triton kernels take float16, bfloat16 and float32 with head
+dims up to 128; automatic dispatch uses torch for inputs outside that (float64, larger heads), a forced
+triton backend raises :class:`~mvmae_fast.UnsupportedBackendError` instead.
 """
 
 import torch
-import torch.nn.functional as F
 
 from ... import backends
-from ..._utils import check_int, check_tensor
+from ..._utils import check_int, check_tensor, device_guard, new_output
+from . import reference
 
-IMPLEMENTED = ("torch",)
+IMPLEMENTED = ("torch", "triton")
+KERNEL_BACKENDS = ("triton",)
 _DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+_KERNEL_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+MAX_KERNEL_HEAD_DIM = 128
 
 
 def _check(qkv, num_heads):
     check_tensor("qkv", qkv, 3, _DTYPES, "(B, N, 3*H*Dh)")
     check_int("num_heads", num_heads, minimum=1)
     if qkv.shape[2] % (3 * num_heads):
-        raise ValueError(f"qkv's last dimension ({qkv.shape[2]}) must be a multiple of 3 * num_heads ({3 * num_heads})")
+        raise ValueError(f"qkv's last dimension ({qkv.shape[2]}) must be a multiple of "
+                         f"3 * num_heads ({3 * num_heads})")
+    if qkv.numel() == 0:
+        raise ValueError(f"qkv has an empty dimension (shape {tuple(qkv.shape)}): "
+                         "attention needs B, N and Dh >= 1")
 
 
-def reference(qkv, num_heads):
-    B, N, _ = qkv.shape
-    q, k, v = qkv.view(B, N, 3, num_heads, -1).permute(2, 0, 3, 1, 4).unbind(0)
-    out = F.scaled_dot_product_attention(q, k, v)
-    return out.transpose(1, 2).reshape(B, N, -1)
+def _kernel_refusals(qkv, num_heads):
+    """Why the kernels cannot take this qkv (empty when they can)."""
+    reasons = []
+    if qkv.dtype not in _KERNEL_DTYPES:
+        dtype = str(qkv.dtype).replace("torch.", "")
+        reasons.append(f"the kernels take float16, bfloat16 and float32, not {dtype}")
+    head_dim = qkv.shape[2] // (3 * num_heads)
+    if head_dim > MAX_KERNEL_HEAD_DIM:
+        reasons.append(f"head dim {head_dim} (qkv last dim {qkv.shape[2]} / (3 * {num_heads} heads)) is over "
+                       f"the kernels' maximum of {MAX_KERNEL_HEAD_DIM}")
+    return reasons
+
+
+def _kernel_backend(qkv, num_heads, backend):
+    """The kernel backend the custom ops run (only triton so far), or UnsupportedBackendError."""
+    name = backends.select_backend("attention", qkv.device, backend or "triton", KERNEL_BACKENDS)
+    reasons = _kernel_refusals(qkv, num_heads)
+    if reasons:
+        raise backends.UnsupportedBackendError(f"attention: backend {name!r} cannot run qkv of shape "
+                                               f"{tuple(qkv.shape)}: {'; '.join(reasons)}. Use backend='torch'.")
+    return name
+
+
+def _check_backward(grad_out, qkv, out, lse, num_heads):
+    _check(qkv, num_heads)
+    B, N, C = qkv.shape
+    out_shape = (B, N, C // 3)
+    for name, t in (("grad_out", grad_out), ("out", out)):
+        check_tensor(name, t, 3, (qkv.dtype,), "(B, N, H*Dh)")
+        if tuple(t.shape) != out_shape:
+            raise ValueError(f"{name} must have shape {out_shape} for qkv of shape {tuple(qkv.shape)}, "
+                             f"got {tuple(t.shape)}")
+    check_tensor("lse", lse, 3, (torch.float32,), "(B, H, N)")
+    if tuple(lse.shape) != (B, num_heads, N):
+        raise ValueError(f"lse must have shape {(B, num_heads, N)}, got {tuple(lse.shape)}")
+
+
+@torch.library.custom_op("mvmae_fast::attention", mutates_args=())
+def _attention_op(qkv: torch.Tensor, num_heads: int, backend: str) -> tuple[torch.Tensor, torch.Tensor]:
+    _check(qkv, num_heads)
+    _kernel_backend(qkv, num_heads, backend)
+    B, N, C = qkv.shape
+    out = new_output((B, N, C // 3), qkv.dtype, qkv.device)
+    lse = new_output((B, num_heads, N), torch.float32, qkv.device)
+    from . import triton_impl
+
+    with device_guard(qkv.device):
+        triton_impl.forward(qkv, num_heads, out, lse)
+    return out, lse
+
+
+@_attention_op.register_fake
+def _(qkv, num_heads, backend):
+    _check(qkv, num_heads)
+    B, N, C = qkv.shape
+    return qkv.new_empty(B, N, C // 3), qkv.new_empty(B, num_heads, N, dtype=torch.float32)
+
+
+@torch.library.custom_op("mvmae_fast::attention_backward", mutates_args=())
+def _attention_backward_op(grad_out: torch.Tensor, qkv: torch.Tensor, out: torch.Tensor, lse: torch.Tensor,
+                           num_heads: int, backend: str) -> torch.Tensor:
+    _check_backward(grad_out, qkv, out, lse, num_heads)
+    _kernel_backend(qkv, num_heads, backend)
+    dqkv = new_output(qkv.shape, qkv.dtype, qkv.device)
+    from . import triton_impl
+
+    with device_guard(qkv.device):
+        triton_impl.backward(grad_out, qkv, out, lse.contiguous(), num_heads, dqkv)
+    return dqkv
+
+
+@_attention_backward_op.register_fake
+def _(grad_out, qkv, out, lse, num_heads, backend):
+    _check_backward(grad_out, qkv, out, lse, num_heads)
+    return qkv.new_empty(qkv.shape)
+
+
+def _setup_context(ctx, inputs, output):
+    qkv, num_heads, backend = inputs
+    out, lse = output
+    ctx.mark_non_differentiable(lse)
+    ctx.save_for_backward(qkv, out, lse)
+    ctx.num_heads = num_heads
+    ctx.backend = backend
+
+
+def _backward(ctx, grad_out, grad_lse):
+    qkv, out, lse = ctx.saved_tensors
+    return _attention_backward_op(grad_out, qkv, out, lse, ctx.num_heads, ctx.backend), None, None
+
+
+_attention_op.register_autograd(_backward, setup_context=_setup_context)
 
 
 def attention(qkv, num_heads, *, backend=None):
-    """softmax(q k^T / sqrt(Dh)) v per head, from the fused (B, N, 3*H*Dh) qkv tensor."""
+    """softmax(q k^T / sqrt(Dh)) v per head, from the fused (B, N, 3*H*Dh) qkv tensor -> (B, N, H*Dh).
+
+    Differentiable in ``qkv``. ``backend``: ``"torch"`` or ``"triton"`` (default: triton for CUDA
+    tensors the kernels support, torch otherwise; see :mod:`mvmae_fast.backends`).
+    """
     _check(qkv, num_heads)
-    backends.select_backend("attention", qkv.device, backend or "", IMPLEMENTED)
-    return reference(qkv, num_heads)
+    name = backends.select_backend("attention", qkv.device, backend or "", IMPLEMENTED)
+    if name in KERNEL_BACKENDS and _kernel_refusals(qkv, num_heads):
+        if backend or backends.requested_backend()[0] is not None:
+            _kernel_backend(qkv, num_heads, name)  # raises, saying why
+        name = "torch"
+    if name == "torch":
+        return reference.attention(qkv, num_heads)
+    return _attention_op(qkv, num_heads, name)[0]

@@ -1,0 +1,278 @@
+"""Tests for mvmae_fast.ops.attention: the torch backend and the Triton kernels (under the interpreter).
+
+Accuracy criterion (flash-attention's): against a float64 reference, the kernel's maximum error in the
+output and in each of dq, dk, dv must be at most twice that of PyTorch's own attention (SDPA, math
+backend) in the same precision, plus a floor of one epsilon of the dtype at the reference's largest
+magnitude (at least 1) plus 1e-6. On the CPU PyTorch's math backend computes half precision in
+float32 and rounds once, a stricter baseline than any tiled kernel that rounds probabilities to
+fp16 before the second matmul, hence the floor.
+"""
+
+import pytest
+import torch
+from torch.nn.attention import SDPBackend, sdpa_kernel
+
+from mvmae_fast import UnsupportedBackendError, backends, use_backend
+from mvmae_fast.models.layers import Attention
+from mvmae_fast.ops import attention
+from mvmae_fast.ops.attention import IMPLEMENTED, triton_impl
+
+# (B, H, N, Dh): odd sequence lengths (1 row, under one tile, several tiles with a ragged last one)
+# and head dims 32, 64, 80 (padded to 128) and 128.
+SHAPES = [(1, 2, 1, 32), (2, 3, 17, 64), (2, 2, 50, 32), (1, 3, 50, 64), (2, 1, 40, 80), (1, 2, 197, 64),
+          (1, 1, 65, 128)]
+
+
+def shape_id(shape):
+    return "B{}-H{}-N{}-Dh{}".format(*shape)
+
+
+def make_qkv(B, H, N, Dh, dtype, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    qkv = torch.randn(B, N, 3 * H * Dh, generator=g).to(dtype)
+    grad = torch.randn(B, N, H * Dh, generator=g).to(dtype)
+    return qkv, grad
+
+
+def ref_attention(qkv, num_heads):
+    """Float64 attention written out: softmax(q k^T / sqrt(Dh)) v."""
+    B, N, _ = qkv.shape
+    q, k, v = qkv.double().view(B, N, 3, num_heads, -1).permute(2, 0, 3, 1, 4)
+    scores = q @ k.transpose(-1, -2) * q.shape[-1] ** -0.5
+    return (scores.softmax(-1) @ v).transpose(1, 2).reshape(B, N, -1)
+
+
+def sdpa_math(qkv, num_heads):
+    B, N, _ = qkv.shape
+    q, k, v = qkv.view(B, N, 3, num_heads, -1).permute(2, 0, 3, 1, 4)
+    with sdpa_kernel(SDPBackend.MATH):
+        out = torch.nn.functional.scaled_dot_product_attention(q, k, v)
+    return out.transpose(1, 2).reshape(B, N, -1)
+
+
+def run(fn, qkv, grad):
+    """fn's output and its gradient w.r.t. qkv, as {'out', 'dq', 'dk', 'dv'}."""
+    x = qkv.detach().requires_grad_(True)  # keeps qkv's strides
+    out = fn(x)
+    (dqkv,) = torch.autograd.grad(out, x, grad.to(out.dtype))
+    B, N, C = qkv.shape
+    dq, dk, dv = dqkv.view(B, N, 3, C // 3).unbind(2)
+    return {"out": out.detach(), "dq": dq, "dk": dk, "dv": dv}
+
+
+def triton_attention(num_heads):
+    return lambda x: attention(x, num_heads, backend="triton")
+
+
+def assert_accurate(kernel, baseline, reference, dtype, context=""):
+    for name, ref in reference.items():
+        err = (kernel[name].double() - ref).abs().max().item()
+        base_err = (baseline[name].double() - ref).abs().max().item()
+        floor = torch.finfo(dtype).eps * max(ref.abs().max().item(), 1.0) + 1e-6
+        assert err <= 2 * base_err + floor, (
+            f"{context} {name}: max error {err:.3e} > 2 x PyTorch's {base_err:.3e} + floor {floor:.3e}")
+        assert not torch.isnan(kernel[name]).any(), f"{context} {name} has NaNs"
+
+
+def check_against_reference(shape, dtype, seed=0):
+    B, H, N, Dh = shape
+    qkv, grad = make_qkv(B, H, N, Dh, dtype, seed)
+    reference = run(lambda x: ref_attention(x, H), qkv.double(), grad.double())
+    baseline = run(lambda x: sdpa_math(x, H), qkv, grad)
+    kernel = run(triton_attention(H), qkv, grad)
+    assert kernel["out"].dtype == dtype and kernel["dq"].dtype == dtype
+    assert_accurate(kernel, baseline, reference, dtype, f"{dtype} {shape_id(shape)}")
+
+
+# --------------------------------------------------------------------------- #
+# accuracy
+# --------------------------------------------------------------------------- #
+@pytest.mark.parametrize("shape", SHAPES, ids=shape_id)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=str)
+def test_matches_reference(dtype, shape):
+    check_against_reference(shape, dtype)
+
+
+@pytest.mark.parametrize("shape", [(2, 3, 17, 64), (2, 1, 40, 80)], ids=shape_id)
+def test_matches_reference_bfloat16(shape):
+    """The interpreter computes bf16 in float32 and truncates on store: within the same floor."""
+    check_against_reference(shape, torch.bfloat16)
+
+
+@pytest.mark.parametrize("blocks", [(16, 16), (16, 32), (32, 16)], ids=str)
+def test_small_tiles(monkeypatch, blocks):
+    """Many ragged tiles, unequal query and key tiles: the loop bounds and masks at every edge."""
+    monkeypatch.setattr(triton_impl, "interpreter_blocks", lambda seq_len: blocks)
+    check_against_reference((1, 2, 50, 80), torch.float32, seed=1)
+
+
+def test_log_sum_exp_saved_for_backward():
+    B, H, N, Dh = 2, 3, 50, 32
+    qkv, _ = make_qkv(B, H, N, Dh, torch.float32)
+    out, lse = torch.ops.mvmae_fast.attention(qkv, H, "triton")
+    q, k, _ = qkv.double().view(B, N, 3, H, Dh).permute(2, 0, 3, 1, 4)
+    expected = torch.logsumexp(q @ k.transpose(-1, -2) * Dh**-0.5, dim=-1)
+    assert lse.shape == (B, H, N) and lse.dtype == torch.float32
+    torch.testing.assert_close(lse.double(), expected, rtol=0, atol=1e-5)
+    torch.testing.assert_close(out.double(), ref_attention(qkv, H), rtol=0, atol=1e-5)
+
+
+def test_scores_far_from_zero():
+    """Large logits (online-softmax rescaling) and a single dominant key per row."""
+    B, H, N, Dh = 1, 2, 40, 64
+    qkv, grad = make_qkv(B, H, N, Dh, torch.float32, seed=3)
+    qkv = qkv * 4
+    reference = run(lambda x: ref_attention(x, H), qkv.double(), grad.double())
+    assert_accurate(run(triton_attention(H), qkv, grad), run(lambda x: sdpa_math(x, H), qkv, grad), reference,
+                    torch.float32)
+
+
+# --------------------------------------------------------------------------- #
+# determinism, layouts
+# --------------------------------------------------------------------------- #
+def test_backward_is_deterministic():
+    qkv, grad = make_qkv(2, 2, 197, 32, torch.float16)
+    first = run(triton_attention(2), qkv, grad)
+    second = run(triton_attention(2), qkv, grad)
+    for name in first:
+        assert torch.equal(first[name], second[name]), f"{name} differs between two identical runs"
+
+
+def test_noncontiguous_inputs_match_contiguous():
+    B, H, N, Dh = 2, 2, 17, 32
+    qkv, grad = make_qkv(B, H, N, Dh, torch.float32)
+    expected = run(triton_attention(H), qkv, grad)
+    # (N, B, C) storage seen as (B, N, C); a last dimension with stride 2; a transposed gradient.
+    transposed = qkv.transpose(0, 1).contiguous().transpose(0, 1)
+    strided = torch.stack([qkv, torch.full_like(qkv, float("nan"))], dim=-1)[..., 0]
+    grad_t = grad.transpose(0, 1).contiguous().transpose(0, 1)
+    assert not transposed.is_contiguous() and strided.stride(2) == 2 and not grad_t.is_contiguous()
+    for x, g in ((transposed, grad), (strided, grad_t)):
+
+        def fn(y, strides=x.stride()):
+            assert y.stride() == strides
+            return attention(y, H, backend="triton")
+
+        got = run(fn, x, g)
+        for name in expected:
+            assert torch.equal(got[name], expected[name]), name
+
+
+def test_expanded_output_gradient():
+    """out.sum() backpropagates a stride-0 gradient."""
+    B, H, N, Dh = 1, 2, 17, 32
+    qkv, _ = make_qkv(B, H, N, Dh, torch.float32)
+    ones = torch.ones(B, N, H * Dh)
+    x = qkv.clone().requires_grad_(True)
+    attention(x, H, backend="triton").sum().backward()
+    expected = run(lambda y: ref_attention(y, H), qkv.double(), ones.double())
+    got = x.grad.view(B, N, 3, -1).unbind(2)
+    for name, value in zip(("dq", "dk", "dv"), got):
+        torch.testing.assert_close(value.double(), expected[name], rtol=0, atol=1e-5)
+
+
+# --------------------------------------------------------------------------- #
+# registration
+# --------------------------------------------------------------------------- #
+def test_opcheck():
+    qkv, grad = make_qkv(2, 2, 17, 32, torch.float32)
+    torch.library.opcheck(torch.ops.mvmae_fast.attention.default, (qkv.requires_grad_(True), 2, "triton"))
+    out, lse = torch.ops.mvmae_fast.attention(qkv.detach(), 2, "triton")
+    torch.library.opcheck(torch.ops.mvmae_fast.attention_backward.default,
+                          (grad, qkv.detach(), out, lse, 2, "triton"))
+
+
+def test_torch_compile_fullgraph():
+    qkv, grad = make_qkv(1, 2, 17, 32, torch.float32)
+    compiled = torch.compile(lambda x: attention(x, 2, backend="triton"), fullgraph=True)
+    got = run(compiled, qkv, grad)
+    expected = run(triton_attention(2), qkv, grad)
+    for name in expected:
+        torch.testing.assert_close(got[name], expected[name], rtol=0, atol=0)
+
+
+# --------------------------------------------------------------------------- #
+# dispatch
+# --------------------------------------------------------------------------- #
+def test_default_dispatch():
+    assert IMPLEMENTED == ("torch", "triton")
+    assert backends.select_backend("attention", "cuda", "", IMPLEMENTED) == "triton"
+    assert backends.select_backend("attention", "cpu", "", IMPLEMENTED) == "torch"
+    qkv, _ = make_qkv(2, 2, 17, 32, torch.float32)
+    assert torch.equal(attention(qkv, 2), attention(qkv, 2, backend="torch"))
+    with use_backend("triton"):
+        forced = attention(qkv, 2)
+    assert torch.equal(forced, attention(qkv, 2, backend="triton"))
+    with pytest.raises(UnsupportedBackendError, match="no cpp implementation"):
+        attention(qkv, 2, backend="cpp")
+
+
+def test_torch_backend_is_plain_autograd():
+    qkv, _ = make_qkv(1, 2, 9, 16, torch.float64)
+    x = qkv.requires_grad_(True)
+    assert "mvmae_fast_attention" in type(attention(x.float(), 2, backend="triton").grad_fn).__name__
+    assert "mvmae_fast" not in type(attention(x, 2, backend="torch").grad_fn).__name__
+    assert torch.autograd.gradcheck(lambda y: attention(y, 2, backend="torch"), (x,))
+
+
+REFUSED = {"float64": (torch.randn(1, 5, 3 * 2 * 16, dtype=torch.float64), 2, "float64"),
+           "head_dim_136": (torch.randn(1, 5, 3 * 136), 1, "head dim 136")}
+
+
+@pytest.mark.parametrize("case", list(REFUSED))
+def test_inputs_the_kernels_refuse(monkeypatch, case):
+    qkv, heads, message = REFUSED[case]
+    with pytest.raises(UnsupportedBackendError, match=message):
+        attention(qkv, heads, backend="triton")
+    with pytest.raises(UnsupportedBackendError, match=message):
+        torch.ops.mvmae_fast.attention(qkv, heads, "triton")
+    # Automatic choice (as for CUDA tensors, where triton comes first) takes torch instead.
+    monkeypatch.setattr(backends, "select_backend", lambda *args, **kwargs: "triton")
+    torch.testing.assert_close(attention(qkv, heads), ref_attention(qkv, heads).to(qkv.dtype))
+
+
+# --------------------------------------------------------------------------- #
+# validation
+# --------------------------------------------------------------------------- #
+@pytest.mark.parametrize("backend", IMPLEMENTED)
+def test_validation(backend):
+    good = torch.randn(2, 5, 3 * 2 * 8)
+    with pytest.raises(ValueError, match="qkv must have 3 dimensions"):
+        attention(good[0], 2, backend=backend)
+    with pytest.raises(TypeError, match="qkv must have dtype"):
+        attention(good.to(torch.int32), 2, backend=backend)
+    with pytest.raises(ValueError, match="multiple of 3 \\* num_heads"):
+        attention(good, 5, backend=backend)
+    with pytest.raises(ValueError, match="num_heads must be >= 1"):
+        attention(good, 0, backend=backend)
+    with pytest.raises(TypeError, match="num_heads must be an int"):
+        attention(good, True, backend=backend)
+    for empty in (good[:0], good[:, :0], torch.randn(2, 5, 0)):
+        with pytest.raises(ValueError, match="qkv has an empty dimension"):
+            attention(empty, 2, backend=backend)
+
+
+def test_backward_op_validation():
+    qkv = torch.randn(2, 5, 3 * 2 * 8)
+    out, lse = torch.ops.mvmae_fast.attention(qkv, 2, "triton")
+    with pytest.raises(ValueError, match="grad_out must have shape"):
+        torch.ops.mvmae_fast.attention_backward(out[:, :4], qkv, out, lse, 2, "triton")
+    with pytest.raises(ValueError, match="lse must have shape"):
+        torch.ops.mvmae_fast.attention_backward(out, qkv, out, lse[:1], 2, "triton")
+    with pytest.raises(TypeError, match="grad_out must have dtype float32"):
+        torch.ops.mvmae_fast.attention_backward(out.half(), qkv, out, lse, 2, "triton")
+
+
+def test_model_attention_layer():
+    layer = Attention(64, num_heads=2)
+    x = torch.randn(2, 17, 64)
+    grad = torch.randn(2, 17, 64)
+    results = []
+    for name in IMPLEMENTED:
+        layer.zero_grad()
+        x_ = x.clone().requires_grad_(True)
+        with use_backend(name):
+            layer(x_).backward(grad)
+        results.append((x_.grad, layer.qkv.weight.grad.clone()))
+    for a, b in zip(*results):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
