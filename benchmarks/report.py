@@ -10,6 +10,7 @@ images/s per provider).
 import argparse
 import json
 import os
+import re
 import sys
 
 COLUMNS = ["test", "case", "provider", "median", "images/s", "x reference", "GB/s", "peak GB", "MFU %"]
@@ -19,13 +20,26 @@ def _fmt_time(seconds):
     return f"{seconds * 1e3:.3f} ms" if seconds >= 1e-3 else f"{seconds * 1e6:.1f} us"
 
 
+def _param(value):
+    """pytest-benchmark writes objects it cannot serialise as UNSERIALIZABLE[repr]."""
+    text = str(value)
+    if text.startswith("UNSERIALIZABLE[") and text.endswith("]"):
+        text = text[len("UNSERIALIZABLE["):-1]
+    text = re.sub(r"device\(type='(\w+)'(?:, index=(\d+))?\)", lambda m: m.group(1) + (f":{m.group(2)}" if m.group(2) else ""), text)
+    return text.replace("torch.", "")
+
+
 def rows(data):
     out = []
     for bench in data["benchmarks"]:
         info = bench.get("extra_info", {})
         params = bench.get("params") or {}
         name = bench["name"].split("[")[0].removeprefix("test_")
-        case = info.get("case") or ", ".join(f"{k}={v}" for k, v in params.items() if k not in ("provider", "variant"))
+        case = info.get("case") or ", ".join(f"{k}={_param(v)}" for k, v in params.items()
+                                             if k not in ("provider", "variant", "device"))
+        device = _param(params.get("device", ""))
+        if device and not info.get("case"):
+            case = f"{device}: {case}" if case else device
         provider = info.get("provider") or params.get("provider") or params.get("variant", "")
         out.append({
             "test": name, "case": case, "provider": provider, "median": _fmt_time(bench["stats"]["median"]),

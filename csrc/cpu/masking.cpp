@@ -13,7 +13,7 @@ namespace mvmae_fast {
 void random_masking_cpu(int64_t* ids_keep, int64_t* ids_restore, float* mask, int64_t batch,
                         int64_t num_patches, int64_t keep, uint32_t s0, uint32_t s1, int threads) {
   const int64_t L = num_patches;
-  parallel_for(batch, std::max<int64_t>(1, 4096 / L), threads, [&](int64_t begin, int64_t end) {
+  parallel_for(batch, std::max<int64_t>(1, (int64_t{1} << 16) / L), threads, [&](int64_t begin, int64_t end) {
     std::vector<std::pair<uint64_t, int64_t>> order(L);
     for (int64_t b = begin; b < end; ++b) {
       for (int64_t i = 0; i < L; ++i) {

@@ -16,7 +16,9 @@ template <class Index>
 int gather_impl(const char* x, const Index* ids, char* out, int64_t batch, int64_t num_rows,
                 int64_t num_ids, int64_t row_bytes, int threads) {
   std::atomic<int> status{kOk};
-  const int64_t grain = std::max<int64_t>(1, (64 << 10) / row_bytes);
+  // Threads only pay off for copies of a few MB: below that, waking them (while torch's own
+  // OpenMP workers may still be spinning) costs more than the copy.
+  const int64_t grain = std::max<int64_t>(1, (int64_t{2} << 20) / row_bytes);
   parallel_for(batch * num_ids, grain, threads, [&](int64_t begin, int64_t end) {
     for (int64_t r = begin; r < end; ++r) {
       const int64_t b = r / num_ids;
@@ -37,7 +39,7 @@ int scatter_impl(const char* y, const Index* ids, char* out, int64_t batch, int6
   // source[b * L + l] = k such that ids[b, k] == l, or -1: the inverse map, built per sample.
   std::vector<int32_t> source(static_cast<size_t>(batch * num_rows), -1);
   std::atomic<int> status{kOk};
-  parallel_for(batch, std::max<int64_t>(1, 4096 / num_ids), threads, [&](int64_t begin, int64_t end) {
+  parallel_for(batch, std::max<int64_t>(1, (int64_t{1} << 16) / num_ids), threads, [&](int64_t begin, int64_t end) {
     for (int64_t b = begin; b < end; ++b) {
       int32_t* src_row = source.data() + b * num_rows;
       for (int64_t k = 0; k < num_ids; ++k) {
@@ -55,7 +57,9 @@ int scatter_impl(const char* y, const Index* ids, char* out, int64_t batch, int6
     }
   });
   if (status.load() != kOk) return status.load();
-  const int64_t grain = std::max<int64_t>(1, (64 << 10) / row_bytes);
+  // Threads only pay off for copies of a few MB: below that, waking them (while torch's own
+  // OpenMP workers may still be spinning) costs more than the copy.
+  const int64_t grain = std::max<int64_t>(1, (int64_t{2} << 20) / row_bytes);
   parallel_for(batch * num_rows, grain, threads, [&](int64_t begin, int64_t end) {
     for (int64_t r = begin; r < end; ++r) {
       const int32_t k = source[r];
