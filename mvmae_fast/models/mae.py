@@ -105,8 +105,7 @@ def check_mask_ratio(mask_ratio, num_patches):
 
 def removed_ids(ids_restore, keep):
     """(B, L - keep) ids of the removed patches, from the inverse permutation (a scatter, no sort)."""
-    positions = torch.arange(ids_restore.shape[1], device=ids_restore.device).expand_as(ids_restore)
-    return torch.empty_like(ids_restore).scatter_(1, ids_restore, positions)[:, keep:]
+    return ops.invert_permutation(ids_restore)[:, keep:]
 
 
 class MVMAEOutput(NamedTuple):

@@ -5,6 +5,7 @@ from .attention import attention
 from .info_nce import info_nce, info_nce_rows
 from .masking import MaskingResult, masking_from_noise, random_masking
 from .masking.block import block_masking
+from .masking.reference import invert_permutation
 from .patch_embed import embed_visible_patches, gather_table_rows, gather_visible_patches
 from .recon_loss import masked_recon_loss, masked_recon_loss_rows, patchify, unpatchify
 from .rows import gather_rows, scatter_rows
@@ -21,6 +22,7 @@ __all__ = [
     "gather_visible_patches",
     "info_nce",
     "info_nce_rows",
+    "invert_permutation",
     "masked_recon_loss",
     "masked_recon_loss_rows",
     "masking_from_noise",

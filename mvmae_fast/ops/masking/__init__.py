@@ -97,7 +97,4 @@ def masking_from_noise(noise, keep):
     if not isinstance(noise, torch.Tensor) or noise.dim() != 2 or not noise.is_floating_point():
         raise ValueError(f"noise must be a floating-point (B, L) tensor, got {getattr(noise, 'shape', type(noise))}")
     check_int("keep", keep, minimum=1, maximum=noise.shape[1])
-    shuffle = torch.argsort(noise, dim=1)
-    positions = torch.arange(noise.shape[1], device=noise.device).expand_as(shuffle)
-    ids_restore = torch.empty_like(shuffle).scatter_(1, shuffle, positions)
-    return MaskingResult(shuffle[:, :keep].contiguous(), ids_restore, (ids_restore >= keep).to(torch.float32))
+    return MaskingResult(*reference.split_shuffle(torch.argsort(noise, dim=1), keep))

@@ -11,6 +11,7 @@ import math
 import torch
 
 from . import MaskingResult
+from .reference import split_shuffle
 
 
 def _one_sample(grid, remove, min_block, g):
@@ -57,7 +58,4 @@ def block_masking(batch, grid, keep, seed, min_block=4, device="cpu"):
         removed = _one_sample(grid, L - keep, min_block, g)
         order = torch.randperm(L, generator=g)
         shuffles.append(torch.cat([order[~removed[order]], order[removed[order]]]))
-    shuffle = torch.stack(shuffles).to(device)
-    positions = torch.arange(L, device=device).expand(batch, -1)
-    ids_restore = torch.empty_like(shuffle).scatter_(1, shuffle, positions)
-    return MaskingResult(shuffle[:, :keep].contiguous(), ids_restore, (ids_restore >= keep).to(torch.float32))
+    return MaskingResult(*split_shuffle(torch.stack(shuffles).to(device), keep))

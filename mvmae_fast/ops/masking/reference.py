@@ -50,11 +50,18 @@ def masking_keys(batch, num_patches, s0, s1, device):
     return (hi << 31) | lo
 
 
+def invert_permutation(perm):
+    """Row-wise inverse of a batch of permutations (B, L), by a scatter (O(L), no second sort)."""
+    positions = torch.arange(perm.shape[1], device=perm.device).expand_as(perm)
+    return torch.empty_like(perm).scatter_(1, perm, positions)
+
+
+def split_shuffle(shuffle, keep):
+    """(ids_keep, ids_restore, mask) from a per-sample patch order whose first ``keep`` are kept."""
+    ids_restore = invert_permutation(shuffle)
+    return shuffle[:, :keep].contiguous(), ids_restore, (ids_restore >= keep).to(torch.float32)
+
+
 def random_masking(batch, num_patches, keep, s0, s1, device):
     keys = masking_keys(batch, num_patches, s0, s1, device)
-    shuffle = torch.argsort(keys, dim=1, stable=True)
-    ids_keep = shuffle[:, :keep].contiguous()
-    positions = torch.arange(num_patches, device=device).expand(batch, -1)
-    ids_restore = torch.empty_like(shuffle).scatter_(1, shuffle, positions)
-    mask = (ids_restore >= keep).to(torch.float32)
-    return ids_keep, ids_restore, mask
+    return split_shuffle(torch.argsort(keys, dim=1, stable=True), keep)
