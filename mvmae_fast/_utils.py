@@ -38,6 +38,20 @@ def check_tensor(name, value, ndim, dtypes, layout):
         raise TypeError(f"{name} must have dtype {names}; got {value.dtype}")
 
 
+def check_index_values(name, ids, num_rows, unique=True, rule="be unique within each sample"):
+    """Index values in [0, num_rows) and, when ``unique``, no repeats within a row (a device sync on
+    CUDA: callers skip it for indices they made themselves)."""
+    low, high = (int(v) for v in torch.aminmax(ids))
+    if low < 0 or high >= num_rows:
+        raise ValueError(f"{name} must lie in [0, {num_rows}); found values from {low} to {high}")
+    if unique and ids.shape[1] > 1:
+        ordered = ids.sort(dim=1).values
+        repeated = (ordered[:, 1:] == ordered[:, :-1]).any(dim=1)
+        if bool(repeated.any()):
+            row = int(repeated.nonzero()[0, 0])
+            raise ValueError(f"{name} must {rule}; sample {row} repeats an index")
+
+
 def cuda_stream(device):
     return torch.cuda.current_stream(device).cuda_stream
 

@@ -362,7 +362,6 @@ def run(args):
                                 num_workers=args.num_workers, pin_memory=device.type == "cuda")
             train_model.train()
             t_epoch, seen, loss_sum, loss_count = time.time(), 0, 0.0, 0
-            t_log = time.time()
             for batch_idx, (imgs, _) in enumerate(loader, start=first):
                 micro = epoch * batches + batch_idx
                 if batch_idx % args.accum_iter == 0:
@@ -377,9 +376,10 @@ def run(args):
                     finite = torch.isfinite(out.loss.detach()).float()
                     if world > 1:
                         dist.all_reduce(finite, op=dist.ReduceOp.MIN)
-                    if finite.item() == 1.0:
+                    loss_ok = finite.item() == 1.0  # the same verdict on every rank
+                    if loss_ok:
                         scaler.scale(out.loss / args.accum_iter).backward()
-                if finite.item() != 1.0:
+                if not loss_ok:
                     nonfinite_run += 1
                     nonfinite_total += 1
                     progress.line(f"step {step + 1}: non-finite loss ({out.loss.item()}), skipped "

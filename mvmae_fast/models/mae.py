@@ -9,7 +9,6 @@ Everything that touches masked tokens goes through :mod:`mvmae_fast.ops`, never 
 """
 
 import dataclasses
-import math
 from typing import NamedTuple
 
 import torch

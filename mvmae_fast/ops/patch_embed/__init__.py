@@ -23,7 +23,7 @@ import torch
 import torch.nn.functional as F
 
 from ... import backends
-from ..._utils import check_int, check_tensor, device_guard, new_output
+from ..._utils import check_index_values, check_int, check_tensor, device_guard, new_output
 from . import reference
 
 _DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
@@ -43,18 +43,6 @@ def _check_ids(name, ids, src_name, src, num_rows, batch=None):
         raise ValueError(f"{name} must hold at least one index per sample, got shape {tuple(ids.shape)}")
     if ids.shape[1] > num_rows:
         raise ValueError(f"{name} has {ids.shape[1]} indices per sample, more than the {num_rows} rows")
-
-
-def _check_index_values(name, ids, num_rows):
-    low, high = (int(v) for v in torch.aminmax(ids))
-    if low < 0 or high >= num_rows:
-        raise ValueError(f"{name} must lie in [0, {num_rows}); found values from {low} to {high}")
-    if ids.shape[1] > 1:
-        ordered = ids.sort(dim=1).values
-        repeated = (ordered[:, 1:] == ordered[:, :-1]).any(dim=1)
-        if bool(repeated.any()):
-            row = int(repeated.nonzero()[0, 0])
-            raise ValueError(f"{name} must be unique within each sample; sample {row} repeats an index")
 
 
 def _check_image_size(height, width, patch_size, name):
@@ -118,7 +106,7 @@ def _gather_visible_patches_op(imgs: torch.Tensor, ids_keep: torch.Tensor, patch
                                check_indices: bool, backend: str) -> torch.Tensor:
     num_patches = _check_gather(imgs, ids_keep, patch_size)
     if check_indices:
-        _check_index_values("ids_keep", ids_keep, num_patches)
+        check_index_values("ids_keep", ids_keep, num_patches)
     name = backends.select_backend("gather_visible_patches", imgs.device, backend, _IMPLEMENTED)
     if name == "torch":
         return reference.gather_visible_patches(imgs, ids_keep, patch_size)
@@ -141,7 +129,7 @@ def _scatter_visible_patches_op(patches: torch.Tensor, ids_keep: torch.Tensor, p
                                 width: int, check_indices: bool, backend: str) -> torch.Tensor:
     num_patches = _check_scatter(patches, ids_keep, patch_size, height, width)
     if check_indices:
-        _check_index_values("ids_keep", ids_keep, num_patches)
+        check_index_values("ids_keep", ids_keep, num_patches)
     name = backends.select_backend("scatter_visible_patches", patches.device, backend, _IMPLEMENTED)
     if name == "torch":
         return reference.scatter_visible_patches(patches, ids_keep, patch_size, height, width)
@@ -163,7 +151,7 @@ def _gather_table_rows_op(table: torch.Tensor, ids: torch.Tensor, check_indices:
                           backend: str) -> torch.Tensor:
     _check_table(table, ids)
     if check_indices:
-        _check_index_values("ids", ids, table.shape[0])
+        check_index_values("ids", ids, table.shape[0])
     name = backends.select_backend("gather_table_rows", table.device, backend, _IMPLEMENTED)
     if name == "torch":
         return reference.gather_table_rows(table, ids)
@@ -185,7 +173,7 @@ def _scatter_add_table_rows_op(y: torch.Tensor, ids: torch.Tensor, num_rows: int
                                backend: str) -> torch.Tensor:
     _check_table_grad(y, ids, num_rows)
     if check_indices:
-        _check_index_values("ids", ids, num_rows)
+        check_index_values("ids", ids, num_rows)
     name = backends.select_backend("scatter_add_table_rows", y.device, backend, _IMPLEMENTED)
     if name == "torch":
         return reference.scatter_add_table_rows(y, ids, num_rows)

@@ -13,7 +13,7 @@ materialising them; its backward pass writes the gradient of the prediction dire
 import torch
 
 from ... import backends
-from ..._utils import check_int, check_tensor, device_guard, new_output
+from ..._utils import check_index_values, check_int, check_tensor, device_guard, new_output
 
 _IMPLEMENTED = ("torch", "triton")
 _INDEX_DTYPES = (torch.int32, torch.int64)
@@ -89,12 +89,6 @@ def _check_rows(pred, imgs, ids_removed, patch_size):
         raise ValueError(f"ids_removed must have shape {tuple(pred.shape[:2])}, got {tuple(ids_removed.shape)}")
 
 
-def _check_index_values(ids_removed, num_patches):
-    low, high = (int(v) for v in torch.aminmax(ids_removed))
-    if low < 0 or high >= num_patches:
-        raise ValueError(f"ids_removed must lie in [0, {num_patches}); found values from {low} to {high}")
-
-
 def _loss_dtype(pred, imgs):
     """As ``masked_recon_loss`` with a float32 mask: at least float32."""
     return torch.promote_types(torch.promote_types(pred.dtype, imgs.dtype), torch.float32)
@@ -119,7 +113,7 @@ def _recon_rows_op(pred: torch.Tensor, imgs: torch.Tensor, ids_removed: torch.Te
     """The view losses (V,)."""
     _check_rows(pred, imgs, ids_removed, patch_size)
     if check_indices:
-        _check_index_values(ids_removed, _num_patches(imgs, patch_size))
+        check_index_values("ids_removed", ids_removed, _num_patches(imgs, patch_size), unique=False)
     backends.select_backend("masked_recon_loss_rows", pred.device, "triton", _IMPLEMENTED)
     from . import triton_impl
 

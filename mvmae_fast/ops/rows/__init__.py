@@ -9,7 +9,7 @@ and every other row is zero. Each is the other's backward. Indices must be uniqu
 import torch
 
 from ... import _ext, backends
-from ..._utils import check_int, check_tensor, cuda_stream, device_guard, new_output
+from ..._utils import check_index_values, check_int, check_tensor, cuda_stream, device_guard, new_output
 from . import reference
 
 _DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
@@ -47,18 +47,6 @@ def _check_scatter(y, ids, num_rows):
         raise ValueError(f"ids has {ids.shape[1]} indices per sample but y has {y.shape[1]} rows")
 
 
-def _check_index_values(ids, num_rows):
-    low, high = (int(v) for v in torch.aminmax(ids))
-    if low < 0 or high >= num_rows:
-        raise ValueError(f"ids must lie in [0, {num_rows}); found values from {low} to {high}")
-    if ids.shape[1] > 1:
-        ordered = ids.sort(dim=1).values
-        repeated = (ordered[:, 1:] == ordered[:, :-1]).any(dim=1)
-        if bool(repeated.any()):
-            row = int(repeated.nonzero()[0, 0])
-            raise ValueError(f"ids must be unique within each sample; sample {row} repeats an index")
-
-
 def _cpp_call(kernel, src, ids, out, num_rows):
     B, K = ids.shape
     args = (src.data_ptr(), ids.data_ptr(), ids.element_size(), out.data_ptr(), B, num_rows, K,
@@ -75,7 +63,7 @@ def _gather_rows_op(x: torch.Tensor, ids: torch.Tensor, check_indices: bool, bac
     _check_gather(x, ids)
     L = x.shape[1]
     if check_indices:
-        _check_index_values(ids, L)
+        check_index_values("ids", ids, L)
     name = backends.select_backend("gather_rows", x.device, backend)
     if name == "torch":
         return reference.gather_rows(x, ids)
@@ -102,7 +90,7 @@ def _scatter_rows_op(y: torch.Tensor, ids: torch.Tensor, num_rows: int, check_in
                      backend: str) -> torch.Tensor:
     _check_scatter(y, ids, num_rows)
     if check_indices:
-        _check_index_values(ids, num_rows)
+        check_index_values("ids", ids, num_rows)
     name = backends.select_backend("scatter_rows", y.device, backend)
     if name == "torch":
         return reference.scatter_rows(y, ids, num_rows)

@@ -20,7 +20,7 @@ being a permutation), grad mask_token (the sum over removed rows, deterministic)
 import torch
 
 from ... import backends
-from ..._utils import check_int, check_tensor, device_guard, new_output
+from ..._utils import check_index_values, check_int, check_tensor, device_guard, new_output
 from . import reference
 
 _DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
@@ -80,15 +80,7 @@ def _check_backward(grad, ids_restore, num_visible, x_dtype, token_dtype):
 
 def _check_permutation(ids_restore):
     L = ids_restore.shape[1]
-    low, high = (int(v) for v in torch.aminmax(ids_restore))
-    if low < 0 or high >= L:
-        raise ValueError(f"ids_restore must lie in [0, {L}); found values from {low} to {high}")
-    ordered = ids_restore.sort(dim=1).values
-    repeated = (ordered[:, 1:] == ordered[:, :-1]).any(dim=1)
-    if bool(repeated.any()):
-        row = int(repeated.nonzero()[0, 0])
-        raise ValueError(f"ids_restore must be a permutation of [0, {L}) in each sample; sample {row} "
-                         "repeats an index")
+    check_index_values("ids_restore", ids_restore, L, rule=f"be a permutation of [0, {L}) in each sample")
 
 
 @torch.library.custom_op("mvmae_fast::decoder_unshuffle", mutates_args=())
