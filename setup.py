@@ -12,7 +12,7 @@ import shutil
 import subprocess
 from pathlib import Path
 
-from pybind11.setup_helpers import Pybind11Extension, build_ext
+from pybind11.setup_helpers import Pybind11Extension, build_ext, has_flag
 from setuptools import setup
 
 ROOT = Path(__file__).resolve().parent
@@ -52,6 +52,14 @@ def _nvcc_lib_dirs(nvcc, build_dir):
 
 class BuildExt(build_ext):
     def build_extensions(self):
+        # OpenMP: the CPU kernels then run on the process's OpenMP team, which is torch's (see
+        # csrc/cpu/parallel.h); without it they fall back to std::thread.
+        if has_flag(self.compiler, "-fopenmp"):
+            for ext in self.extensions:
+                ext.extra_compile_args.append("-fopenmp")
+                ext.extra_link_args.append("-fopenmp")
+        else:
+            print("mvmae_fast: the compiler has no -fopenmp; the CPU kernels use std::thread")
         mode = _cuda_mode()
         nvcc = _find_nvcc() if mode != "off" else None
         if mode == "force" and nvcc is None:

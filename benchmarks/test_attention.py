@@ -1,8 +1,10 @@
-"""Attention benchmarks at MAE's shapes: our Triton kernels against PyTorch's SDPA, backend pinned.
+"""Attention benchmarks at MAE's shapes: our kernels (Triton on CUDA, C++ on the CPU) against
+PyTorch's SDPA, backend pinned.
 
 Shapes (B, H, N, Dh): the ViT-B encoder on 40 (MV-MAE, 80% mask) and 50 (MAE, 75% mask) visible
 tokens, and the 512/16 decoder on 197 tokens; B=256 on CUDA (float16, as MAE's autocast), B=8 on the
-CPU (float32), tiny for CI. Every provider reads the fused (B, N, 3*H*Dh) qkv and returns
+CPU (float32), tiny for CI. On the CPU also the micro preset's encoder (17 tokens) and decoder (65
+tokens) at batch 64, in float32 and bfloat16 (CPU autocast's dtype). Every provider reads the fused (B, N, 3*H*Dh) qkv and returns
 (B, N, H*Dh); forward+backward returns d qkv.
 
 FLOPs: forward 4*B*H*N^2*Dh (two matmuls); forward+backward 3.5x that (the backward's five matmuls
@@ -33,11 +35,14 @@ SDPA_BACKENDS = {
 }
 REFERENCE_PROVIDERS = (*SDPA_BACKENDS, *(("xformers",) if xops is not None else ()))
 # Our backends to time: "torch" is SDPA unpinned, already covered by the pinned baselines.
-IMPLEMENTED = ("triton",)
+IMPLEMENTED = ("cpp", "triton")
 
-SHAPES = {"encoder_n40": (256, 12, 40, 64), "encoder_n50": (256, 12, 50, 64), "decoder_n197": (256, 16, 197, 32)}
+SHAPES = {"encoder_n40": (256, 12, 40, 64), "encoder_n50": (256, 12, 50, 64), "decoder_n197": (256, 16, 197, 32),
+          "micro_encoder_n17": (64, 4, 17, 32), "micro_decoder_n65": (64, 4, 65, 16)}
+CPU_ONLY = ("micro_encoder_n17", "micro_decoder_n65")
 CPU_BATCH = 8
-TINY = {"encoder_n40": (2, 2, 40, 64), "encoder_n50": (2, 2, 50, 64), "decoder_n197": (1, 2, 197, 32)}
+TINY = {"encoder_n40": (2, 2, 40, 64), "encoder_n50": (2, 2, 50, 64), "decoder_n197": (1, 2, 197, 32),
+        "micro_encoder_n17": (2, 4, 17, 32), "micro_decoder_n65": (2, 4, 65, 16)}
 FWD_BWD_FLOP_FACTOR = 3.5
 
 
@@ -45,7 +50,7 @@ def shape_for(device, name):
     if SIZE == "tiny":
         return TINY[name]
     B, H, N, Dh = SHAPES[name]
-    return (B if device.type == "cuda" else CPU_BATCH), H, N, Dh
+    return (B if device.type == "cuda" or name in CPU_ONLY else CPU_BATCH), H, N, Dh
 
 
 def sdpa(qkv, num_heads):
@@ -63,8 +68,8 @@ def xformers_attention(qkv, num_heads):
 def provider_fn(provider, device):
     """(attention function, context manager to time it in) or a pytest.skip."""
     if provider in SDPA_BACKENDS:
-        if device.type == "cpu" and provider != "sdpa_math":
-            pytest.skip("on the CPU the SDPA baseline is the math backend")
+        if device.type == "cpu" and provider == "sdpa_efficient":
+            pytest.skip("SDPA's memory-efficient backend has no CPU kernel")
         return sdpa, sdpa_kernel(SDPA_BACKENDS[provider])
     if provider == "xformers":
         if device.type != "cuda":
@@ -73,11 +78,16 @@ def provider_fn(provider, device):
     return (lambda qkv, num_heads: ops.attention(qkv, num_heads, backend=provider)), contextlib.nullcontext()
 
 
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
 @pytest.mark.parametrize("mode", ["forward", "forward_backward"])
 @pytest.mark.parametrize("shape", list(SHAPES))
-def test_attention(timed, benchmark, device, provider, shape, mode):
+def test_attention(timed, benchmark, device, provider, shape, mode, dtype):
+    if device.type == "cuda" and (shape in CPU_ONLY or dtype == "bfloat16"):
+        pytest.skip("CUDA cases: the ViT-B shapes in float16")
+    if device.type == "cpu" and dtype == "bfloat16" and shape not in CPU_ONLY:
+        pytest.skip("CPU bfloat16 cases: the micro preset's shapes")
     B, H, N, Dh = shape_for(device, shape)
-    dtype = torch.float16 if device.type == "cuda" else torch.float32
+    dtype = torch.float16 if device.type == "cuda" else getattr(torch, dtype)
     gen = torch.Generator(device=device).manual_seed(0)
     qkv = torch.randn(B, N, 3 * H * Dh, device=device, dtype=dtype, generator=gen)
     grad = torch.randn(B, N, H * Dh, device=device, dtype=dtype, generator=gen)
@@ -108,5 +118,5 @@ def test_attention(timed, benchmark, device, provider, shape, mode):
     expected = sdpa(x, H)
     if backward:
         expected = torch.autograd.grad(expected, x, grad.float())[0]
-    tolerance = 2e-2 if dtype == torch.float16 else 1e-4
+    tolerance = {torch.float16: 2e-2, torch.bfloat16: 1e-1}.get(dtype, 1e-4)
     torch.testing.assert_close(result.float(), expected, rtol=tolerance, atol=tolerance)

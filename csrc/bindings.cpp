@@ -23,6 +23,10 @@ void check_index_bytes(int index_bytes) {
     throw std::invalid_argument("index_bytes must be 4 (int32) or 8 (int64)");
 }
 
+void check_cpu_dtype(int dtype) {
+  if (dtype < 0 || dtype > 2) throw std::invalid_argument("dtype must be 0 (float32), 1 (bfloat16) or 2 (float16)");
+}
+
 void raise_status(int status, const char* op) {
   if (status == kIndexOutOfRange) throw py::index_error(std::string(op) + ": index out of range");
   if (status == kDuplicateIndex) throw py::value_error(std::string(op) + ": duplicate index");
@@ -86,6 +90,34 @@ PYBIND11_MODULE(_C, m) {
       },
       py::arg("y"), py::arg("ids"), py::arg("index_bytes"), py::arg("out"), py::arg("batch"),
       py::arg("num_rows"), py::arg("num_ids"), py::arg("row_bytes"), py::arg("threads"));
+
+  m.def(
+      "attention_forward_cpu",
+      [](uintptr_t qkv, uintptr_t out, uintptr_t lse, int dtype, int64_t batch, int64_t seq,
+         int64_t heads, int64_t head_dim, int64_t row_stride, int64_t batch_stride, int threads) {
+        check_cpu_dtype(dtype);
+        py::gil_scoped_release release;
+        attention_forward_cpu(ptr<const void>(qkv), ptr<void>(out), ptr<float>(lse), dtype, batch, seq,
+                              heads, head_dim, row_stride, batch_stride, threads);
+      },
+      py::arg("qkv"), py::arg("out"), py::arg("lse"), py::arg("dtype"), py::arg("batch"), py::arg("seq"),
+      py::arg("heads"), py::arg("head_dim"), py::arg("row_stride"), py::arg("batch_stride"),
+      py::arg("threads"));
+
+  m.def(
+      "attention_backward_cpu",
+      [](uintptr_t grad_out, uintptr_t qkv, uintptr_t out, uintptr_t lse, uintptr_t dqkv, int dtype,
+         int64_t batch, int64_t seq, int64_t heads, int64_t head_dim, int64_t row_stride,
+         int64_t batch_stride, int threads) {
+        check_cpu_dtype(dtype);
+        py::gil_scoped_release release;
+        attention_backward_cpu(ptr<const void>(grad_out), ptr<const void>(qkv), ptr<const void>(out),
+                               ptr<const float>(lse), ptr<void>(dqkv), dtype, batch, seq, heads, head_dim,
+                               row_stride, batch_stride, threads);
+      },
+      py::arg("grad_out"), py::arg("qkv"), py::arg("out"), py::arg("lse"), py::arg("dqkv"), py::arg("dtype"),
+      py::arg("batch"), py::arg("seq"), py::arg("heads"), py::arg("head_dim"), py::arg("row_stride"),
+      py::arg("batch_stride"), py::arg("threads"));
 
 #ifdef MVMAE_FAST_WITH_CUDA
   m.def(

@@ -26,7 +26,8 @@ def param_groups(model, weight_decay):
 
 
 def make_optimizer(model, lr, weight_decay, betas=(0.9, 0.95), device_type="cpu"):
-    """apex's FusedAdam when installed (CUDA), else torch's AdamW (fused on CUDA). Returns (opt, name)."""
+    """apex's FusedAdam when installed (CUDA), else torch's fused AdamW (CUDA and CPU; plain AdamW on
+    other devices). Returns (opt, name)."""
     groups = param_groups(model, weight_decay)
     if device_type == "cuda":
         try:
@@ -35,6 +36,8 @@ def make_optimizer(model, lr, weight_decay, betas=(0.9, 0.95), device_type="cpu"
             return FusedAdam(groups, lr=lr, betas=betas, adam_w_mode=True), "apex FusedAdam"
         except ImportError:
             return torch.optim.AdamW(groups, lr=lr, betas=betas, fused=True), "torch AdamW (fused)"
+    if device_type == "cpu":
+        return torch.optim.AdamW(groups, lr=lr, betas=betas, fused=True), "torch AdamW (fused)"
     return torch.optim.AdamW(groups, lr=lr, betas=betas), "torch AdamW"
 
 

@@ -1,4 +1,5 @@
-"""Tests for mvmae_fast.ops.attention: the torch backend and the Triton kernels (under the interpreter).
+"""Tests for mvmae_fast.ops.attention: the torch backend, the C++ CPU kernel and the Triton kernels
+(under the interpreter). Every kernel test runs for both kernel backends.
 
 Accuracy criterion (flash-attention's): against a float64 reference, the kernel's maximum error in the
 output and in each of dq, dk, dv must be at most twice that of PyTorch's own attention (SDPA, math
@@ -15,7 +16,9 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 from mvmae_fast import UnsupportedBackendError, backends, use_backend
 from mvmae_fast.models.layers import Attention
 from mvmae_fast.ops import attention
-from mvmae_fast.ops.attention import IMPLEMENTED, triton_impl
+from mvmae_fast.ops.attention import IMPLEMENTED, KERNEL_BACKENDS, MAX_CPP_SEQ_LEN, triton_impl
+
+kernel_backends = pytest.mark.parametrize("backend", KERNEL_BACKENDS)
 
 # (B, H, N, Dh): odd sequence lengths (1 row, under one tile, several tiles with a ragged last one)
 # and head dims 32, 64, 80 (padded to 128) and 128.
@@ -60,8 +63,8 @@ def run(fn, qkv, grad):
     return {"out": out.detach(), "dq": dq, "dk": dk, "dv": dv}
 
 
-def triton_attention(num_heads):
-    return lambda x: attention(x, num_heads, backend="triton")
+def kernel_attention(num_heads, backend):
+    return lambda x: attention(x, num_heads, backend=backend)
 
 
 def assert_accurate(kernel, baseline, reference, dtype, context=""):
@@ -74,42 +77,91 @@ def assert_accurate(kernel, baseline, reference, dtype, context=""):
         assert not torch.isnan(kernel[name]).any(), f"{context} {name} has NaNs"
 
 
-def check_against_reference(shape, dtype, seed=0):
+def check_against_reference(shape, dtype, backend, seed=0):
     B, H, N, Dh = shape
     qkv, grad = make_qkv(B, H, N, Dh, dtype, seed)
     reference = run(lambda x: ref_attention(x, H), qkv.double(), grad.double())
     baseline = run(lambda x: sdpa_math(x, H), qkv, grad)
-    kernel = run(triton_attention(H), qkv, grad)
+    kernel = run(kernel_attention(H, backend), qkv, grad)
     assert kernel["out"].dtype == dtype and kernel["dq"].dtype == dtype
-    assert_accurate(kernel, baseline, reference, dtype, f"{dtype} {shape_id(shape)}")
+    assert_accurate(kernel, baseline, reference, dtype, f"{backend} {dtype} {shape_id(shape)}")
 
 
 # --------------------------------------------------------------------------- #
 # accuracy
 # --------------------------------------------------------------------------- #
+@kernel_backends
 @pytest.mark.parametrize("shape", SHAPES, ids=shape_id)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=str)
-def test_matches_reference(dtype, shape):
-    check_against_reference(shape, dtype)
+def test_matches_reference(dtype, shape, backend):
+    check_against_reference(shape, dtype, backend)
 
 
-@pytest.mark.parametrize("shape", [(2, 3, 17, 64), (2, 1, 40, 80)], ids=shape_id)
-def test_matches_reference_bfloat16(shape):
+@kernel_backends
+@pytest.mark.parametrize("shape", [(2, 3, 17, 64), (2, 1, 40, 80), (3, 4, 65, 16)], ids=shape_id)
+def test_matches_reference_bfloat16(shape, backend):
     """The interpreter computes bf16 in float32 and truncates on store: within the same floor."""
-    check_against_reference(shape, torch.bfloat16)
+    check_against_reference(shape, torch.bfloat16, backend)
+
+
+@pytest.mark.parametrize("shape", [(1, 1, 3, 1), (2, 2, 7, 17), (1, 1, 33, 200)], ids=shape_id)
+def test_cpp_odd_head_dims(shape):
+    """The cpp kernel pads head dims to 16 floats and sequences to 16 columns: odd sizes, no limit."""
+    check_against_reference(shape, torch.float32, "cpp")
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16], ids=str)
+def test_cpp_conversions_are_exact(dtype):
+    """One key: out == v bit for bit (the dtype round trip, subnormals, inf and NaN included).
+    Two identical keys: out == (v1 + v2) / 2 rounded once to nearest even, as torch rounds."""
+    info = torch.finfo(dtype)
+    special = torch.tensor([0.0, -0.0, info.tiny, -info.tiny / 4, info.max, -info.max, float("inf"),
+                            float("-inf"), 1.0 + info.eps, 3.0]).to(dtype)
+    v = torch.cat([special, torch.randn(22).to(dtype)])
+    qkv = torch.cat([torch.randn(32).to(dtype), torch.randn(32).to(dtype), v]).view(1, 1, 96)  # 1 head, Dh 32
+    out = attention(qkv, 1, backend="cpp")
+    assert torch.equal(out.view(-1).isnan(), v.isnan())
+    keep = ~v.isnan()
+    assert torch.equal(out.view(-1)[keep], v[keep])
+
+    # Two tokens with identical keys: each probability is exactly 1/2.
+    v1, v2 = torch.randn(2, 32).to(dtype).unbind(0)
+    q, k = torch.randn(2, 32).to(dtype), torch.randn(32).to(dtype)
+    qkv = torch.stack([torch.cat([q[0], k, v1]), torch.cat([q[1], k, v2])]).unsqueeze(0)
+    out = attention(qkv, 1, backend="cpp")
+    expected = ((v1.float() + v2.float()) * 0.5).to(dtype)
+    assert torch.equal(out[0, 0], expected) and torch.equal(out[0, 1], expected)
+
+
+def test_cpp_independent_of_thread_count():
+    qkv, grad = make_qkv(4, 3, 33, 32, torch.float32)
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        one = run(kernel_attention(3, "cpp"), qkv, grad)
+    finally:
+        torch.set_num_threads(threads)
+    torch.set_num_threads(max(2, threads))
+    try:
+        many = run(kernel_attention(3, "cpp"), qkv, grad)
+    finally:
+        torch.set_num_threads(threads)
+    for name in one:
+        assert torch.equal(one[name], many[name]), name
 
 
 @pytest.mark.parametrize("blocks", [(16, 16), (16, 32), (32, 16)], ids=str)
 def test_small_tiles(monkeypatch, blocks):
     """Many ragged tiles, unequal query and key tiles: the loop bounds and masks at every edge."""
     monkeypatch.setattr(triton_impl, "interpreter_blocks", lambda seq_len: blocks)
-    check_against_reference((1, 2, 50, 80), torch.float32, seed=1)
+    check_against_reference((1, 2, 50, 80), torch.float32, "triton", seed=1)
 
 
-def test_log_sum_exp_saved_for_backward():
+@kernel_backends
+def test_log_sum_exp_saved_for_backward(backend):
     B, H, N, Dh = 2, 3, 50, 32
     qkv, _ = make_qkv(B, H, N, Dh, torch.float32)
-    out, lse = torch.ops.mvmae_fast.attention(qkv, H, "triton")
+    out, lse = torch.ops.mvmae_fast.attention(qkv, H, backend)
     q, k, _ = qkv.double().view(B, N, 3, H, Dh).permute(2, 0, 3, 1, 4)
     expected = torch.logsumexp(q @ k.transpose(-1, -2) * Dh**-0.5, dim=-1)
     assert lse.shape == (B, H, N) and lse.dtype == torch.float32
@@ -117,31 +169,34 @@ def test_log_sum_exp_saved_for_backward():
     torch.testing.assert_close(out.double(), ref_attention(qkv, H), rtol=0, atol=1e-5)
 
 
-def test_scores_far_from_zero():
+@kernel_backends
+def test_scores_far_from_zero(backend):
     """Large logits (online-softmax rescaling) and a single dominant key per row."""
     B, H, N, Dh = 1, 2, 40, 64
     qkv, grad = make_qkv(B, H, N, Dh, torch.float32, seed=3)
     qkv = qkv * 4
     reference = run(lambda x: ref_attention(x, H), qkv.double(), grad.double())
-    assert_accurate(run(triton_attention(H), qkv, grad), run(lambda x: sdpa_math(x, H), qkv, grad), reference,
+    assert_accurate(run(kernel_attention(H, backend), qkv, grad), run(lambda x: sdpa_math(x, H), qkv, grad), reference,
                     torch.float32)
 
 
 # --------------------------------------------------------------------------- #
 # determinism, layouts
 # --------------------------------------------------------------------------- #
-def test_backward_is_deterministic():
+@kernel_backends
+def test_backward_is_deterministic(backend):
     qkv, grad = make_qkv(2, 2, 197, 32, torch.float16)
-    first = run(triton_attention(2), qkv, grad)
-    second = run(triton_attention(2), qkv, grad)
+    first = run(kernel_attention(2, backend), qkv, grad)
+    second = run(kernel_attention(2, backend), qkv, grad)
     for name in first:
         assert torch.equal(first[name], second[name]), f"{name} differs between two identical runs"
 
 
-def test_noncontiguous_inputs_match_contiguous():
+@kernel_backends
+def test_noncontiguous_inputs_match_contiguous(backend):
     B, H, N, Dh = 2, 2, 17, 32
     qkv, grad = make_qkv(B, H, N, Dh, torch.float32)
-    expected = run(triton_attention(H), qkv, grad)
+    expected = run(kernel_attention(H, backend), qkv, grad)
     # (N, B, C) storage seen as (B, N, C); a last dimension with stride 2; a transposed gradient.
     transposed = qkv.transpose(0, 1).contiguous().transpose(0, 1)
     strided = torch.stack([qkv, torch.full_like(qkv, float("nan"))], dim=-1)[..., 0]
@@ -151,20 +206,21 @@ def test_noncontiguous_inputs_match_contiguous():
 
         def fn(y, strides=x.stride()):
             assert y.stride() == strides
-            return attention(y, H, backend="triton")
+            return attention(y, H, backend=backend)
 
         got = run(fn, x, g)
         for name in expected:
             assert torch.equal(got[name], expected[name]), name
 
 
-def test_expanded_output_gradient():
+@kernel_backends
+def test_expanded_output_gradient(backend):
     """out.sum() backpropagates a stride-0 gradient."""
     B, H, N, Dh = 1, 2, 17, 32
     qkv, _ = make_qkv(B, H, N, Dh, torch.float32)
     ones = torch.ones(B, N, H * Dh)
     x = qkv.clone().requires_grad_(True)
-    attention(x, H, backend="triton").sum().backward()
+    attention(x, H, backend=backend).sum().backward()
     expected = run(lambda y: ref_attention(y, H), qkv.double(), ones.double())
     got = x.grad.view(B, N, 3, -1).unbind(2)
     for name, value in zip(("dq", "dk", "dv"), got):
@@ -174,19 +230,21 @@ def test_expanded_output_gradient():
 # --------------------------------------------------------------------------- #
 # registration
 # --------------------------------------------------------------------------- #
-def test_opcheck():
+@kernel_backends
+def test_opcheck(backend):
     qkv, grad = make_qkv(2, 2, 17, 32, torch.float32)
-    torch.library.opcheck(torch.ops.mvmae_fast.attention.default, (qkv.requires_grad_(True), 2, "triton"))
-    out, lse = torch.ops.mvmae_fast.attention(qkv.detach(), 2, "triton")
+    torch.library.opcheck(torch.ops.mvmae_fast.attention.default, (qkv.requires_grad_(True), 2, backend))
+    out, lse = torch.ops.mvmae_fast.attention(qkv.detach(), 2, backend)
     torch.library.opcheck(torch.ops.mvmae_fast.attention_backward.default,
-                          (grad, qkv.detach(), out, lse, 2, "triton"))
+                          (grad, qkv.detach(), out, lse, 2, backend))
 
 
-def test_torch_compile_fullgraph():
+@kernel_backends
+def test_torch_compile_fullgraph(backend):
     qkv, grad = make_qkv(1, 2, 17, 32, torch.float32)
-    compiled = torch.compile(lambda x: attention(x, 2, backend="triton"), fullgraph=True)
+    compiled = torch.compile(lambda x: attention(x, 2, backend=backend), fullgraph=True)
     got = run(compiled, qkv, grad)
-    expected = run(triton_attention(2), qkv, grad)
+    expected = run(kernel_attention(2, backend), qkv, grad)
     for name in expected:
         torch.testing.assert_close(got[name], expected[name], rtol=0, atol=0)
 
@@ -195,39 +253,55 @@ def test_torch_compile_fullgraph():
 # dispatch
 # --------------------------------------------------------------------------- #
 def test_default_dispatch():
-    assert IMPLEMENTED == ("torch", "triton")
-    assert backends.select_backend("attention", "cuda", "", IMPLEMENTED) == "triton"
-    assert backends.select_backend("attention", "cpu", "", IMPLEMENTED) == "torch"
+    assert IMPLEMENTED == ("torch", "cpp", "triton")
+    assert backends.select_backend("attention", "cuda", "", ("torch", "triton")) == "triton"
+    assert backends.select_backend("attention", "cpu", "", IMPLEMENTED) == "cpp"
     qkv, _ = make_qkv(2, 2, 17, 32, torch.float32)
-    assert torch.equal(attention(qkv, 2), attention(qkv, 2, backend="torch"))
+    assert torch.equal(attention(qkv, 2), attention(qkv, 2, backend="cpp"))
     with use_backend("triton"):
         forced = attention(qkv, 2)
     assert torch.equal(forced, attention(qkv, 2, backend="triton"))
+    with use_backend("torch"):
+        forced = attention(qkv, 2)
+    assert torch.equal(forced, attention(qkv, 2, backend="torch"))
+    # float64 is beyond the kernels: the automatic choice falls back to torch, a forced one raises.
+    assert torch.equal(attention(qkv.double(), 2), attention(qkv.double(), 2, backend="torch"))
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA tensor")
+def test_cpp_refuses_cuda_tensors():
+    qkv = torch.randn(1, 5, 3 * 2 * 8, device="cuda")
     with pytest.raises(UnsupportedBackendError, match="no cpp implementation"):
         attention(qkv, 2, backend="cpp")
+    with pytest.raises(UnsupportedBackendError, match="CPU-only"):
+        torch.ops.mvmae_fast.attention(qkv, 2, "cpp")
 
 
 def test_torch_backend_is_plain_autograd():
     qkv, _ = make_qkv(1, 2, 9, 16, torch.float64)
     x = qkv.requires_grad_(True)
     assert "mvmae_fast_attention" in type(attention(x.float(), 2, backend="triton").grad_fn).__name__
+    assert "mvmae_fast_attention" in type(attention(x.float(), 2, backend="cpp").grad_fn).__name__
     assert "mvmae_fast" not in type(attention(x, 2, backend="torch").grad_fn).__name__
     assert torch.autograd.gradcheck(lambda y: attention(y, 2, backend="torch"), (x,))
 
 
-REFUSED = {"float64": (torch.randn(1, 5, 3 * 2 * 16, dtype=torch.float64), 2, "float64"),
-           "head_dim_136": (torch.randn(1, 5, 3 * 136), 1, "head dim 136")}
+REFUSED = {"float64": (lambda: torch.randn(1, 5, 3 * 2 * 16, dtype=torch.float64), 2, "float64", KERNEL_BACKENDS),
+           "head_dim_136": (lambda: torch.randn(1, 5, 3 * 136), 1, "head dim 136", ("triton",)),
+           "long_sequence": (lambda: torch.randn(1, MAX_CPP_SEQ_LEN + 1, 3 * 2), 1,
+                             f"sequence length {MAX_CPP_SEQ_LEN + 1}", ("cpp",))}
 
 
-@pytest.mark.parametrize("case", list(REFUSED))
-def test_inputs_the_kernels_refuse(monkeypatch, case):
-    qkv, heads, message = REFUSED[case]
+@pytest.mark.parametrize("case,backend", [(c, b) for c, v in REFUSED.items() for b in v[3]])
+def test_inputs_the_kernels_refuse(monkeypatch, case, backend):
+    make, heads, message, _ = REFUSED[case]
+    qkv = make()
     with pytest.raises(UnsupportedBackendError, match=message):
-        attention(qkv, heads, backend="triton")
+        attention(qkv, heads, backend=backend)
     with pytest.raises(UnsupportedBackendError, match=message):
-        torch.ops.mvmae_fast.attention(qkv, heads, "triton")
-    # Automatic choice (as for CUDA tensors, where triton comes first) takes torch instead.
-    monkeypatch.setattr(backends, "select_backend", lambda *args, **kwargs: "triton")
+        torch.ops.mvmae_fast.attention(qkv, heads, backend)
+    # The automatic choice of that backend takes torch instead.
+    monkeypatch.setattr(backends, "select_backend", lambda *args, **kwargs: backend)
     torch.testing.assert_close(attention(qkv, heads), ref_attention(qkv, heads).to(qkv.dtype))
 
 
@@ -252,15 +326,16 @@ def test_validation(backend):
             attention(empty, 2, backend=backend)
 
 
-def test_backward_op_validation():
+@kernel_backends
+def test_backward_op_validation(backend):
     qkv = torch.randn(2, 5, 3 * 2 * 8)
-    out, lse = torch.ops.mvmae_fast.attention(qkv, 2, "triton")
+    out, lse = torch.ops.mvmae_fast.attention(qkv, 2, backend)
     with pytest.raises(ValueError, match="grad_out must have shape"):
-        torch.ops.mvmae_fast.attention_backward(out[:, :4], qkv, out, lse, 2, "triton")
+        torch.ops.mvmae_fast.attention_backward(out[:, :4], qkv, out, lse, 2, backend)
     with pytest.raises(ValueError, match="lse must have shape"):
-        torch.ops.mvmae_fast.attention_backward(out, qkv, out, lse[:1], 2, "triton")
+        torch.ops.mvmae_fast.attention_backward(out, qkv, out, lse[:1], 2, backend)
     with pytest.raises(TypeError, match="grad_out must have dtype float32"):
-        torch.ops.mvmae_fast.attention_backward(out.half(), qkv, out, lse, 2, "triton")
+        torch.ops.mvmae_fast.attention_backward(out.half(), qkv, out, lse, 2, backend)
 
 
 def test_model_attention_layer():
@@ -274,5 +349,6 @@ def test_model_attention_layer():
         with use_backend(name):
             layer(x_).backward(grad)
         results.append((x_.grad, layer.qkv.weight.grad.clone()))
-    for a, b in zip(*results):
-        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
+    for other in results[1:]:
+        for a, b in zip(results[0], other):
+            torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)

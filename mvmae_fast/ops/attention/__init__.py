@@ -4,25 +4,35 @@ Input ``qkv`` (B, N, 3*H*Dh) laid out as (B, N, 3, H, Dh), the output of ``Linea
 strides; output (B, N, H*Dh), ready for the output projection. Scale ``Dh ** -0.5``.
 
 Backends: ``torch`` is PyTorch's ``scaled_dot_product_attention`` (the reference, plain autograd);
-``triton`` is a FlashAttention-2 style kernel pair (see triton_impl.py) reached through the custom ops
-``mvmae_fast::attention`` (qkv, num_heads, backend) -> (out, lse) and
-``mvmae_fast::attention_backward`` (grad_out, qkv, out, lse, num_heads, backend) -> dqkv, so
-``torch.compile`` traces through it. The triton kernels take float16, bfloat16 and float32 with head
-dims up to 128; automatic dispatch uses torch for inputs outside that (float64, larger heads), a forced
-triton backend raises :class:`~mvmae_fast.UnsupportedBackendError` instead.
+``triton`` is a FlashAttention-2 style kernel pair for CUDA (see triton_impl.py); ``cpp`` is the
+extension's CPU kernel (csrc/cpu/attention.cpp: one (sample, head) per task with the head's N x N
+scores in a per-thread buffer, register-blocked micro-GEMMs, no reshape copies of q, k, v or the
+gradient). Both are reached through the custom ops ``mvmae_fast::attention`` (qkv, num_heads,
+backend) -> (out, lse) and ``mvmae_fast::attention_backward`` (grad_out, qkv, out, lse, num_heads,
+backend) -> dqkv, so ``torch.compile`` traces through them. The kernels take float16, bfloat16 and
+float32 (computing in float32); triton takes head dims up to 128, cpp sequences up to 2048 tokens.
+Automatic dispatch uses torch for inputs outside that (float64, larger heads, longer sequences); a
+forced kernel backend raises :class:`~mvmae_fast.UnsupportedBackendError` instead.
 """
 
 import torch
 
-from ... import backends
+from ... import _ext, backends
 from ..._utils import check_int, check_tensor, device_guard, new_output
 from . import reference
 
-IMPLEMENTED = ("torch", "triton")
-KERNEL_BACKENDS = ("triton",)
+IMPLEMENTED = ("torch", "cpp", "triton")
+KERNEL_BACKENDS = ("cpp", "triton")
 _DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 _KERNEL_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
-MAX_KERNEL_HEAD_DIM = 128
+_CPP_DTYPE_CODES = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}
+MAX_KERNEL_HEAD_DIM = 128  # triton
+MAX_CPP_SEQ_LEN = 2048  # cpp: a head's N x N float32 scores (and three more) per thread
+
+
+def _implemented(device):
+    """Backends this op has on ``device``: the cpp kernel is CPU-only."""
+    return IMPLEMENTED if torch.device(device).type == "cpu" else ("torch", "triton")
 
 
 def _check(qkv, num_heads):
@@ -36,23 +46,32 @@ def _check(qkv, num_heads):
                          "attention needs B, N and Dh >= 1")
 
 
-def _kernel_refusals(qkv, num_heads):
-    """Why the kernels cannot take this qkv (empty when they can)."""
+def _kernel_refusals(qkv, num_heads, name):
+    """Why kernel backend ``name`` cannot take this qkv (empty when it can)."""
     reasons = []
     if qkv.dtype not in _KERNEL_DTYPES:
         dtype = str(qkv.dtype).replace("torch.", "")
         reasons.append(f"the kernels take float16, bfloat16 and float32, not {dtype}")
     head_dim = qkv.shape[2] // (3 * num_heads)
-    if head_dim > MAX_KERNEL_HEAD_DIM:
+    if name == "triton" and head_dim > MAX_KERNEL_HEAD_DIM:
         reasons.append(f"head dim {head_dim} (qkv last dim {qkv.shape[2]} / (3 * {num_heads} heads)) is over "
                        f"the kernels' maximum of {MAX_KERNEL_HEAD_DIM}")
+    if name == "cpp" and qkv.shape[1] > MAX_CPP_SEQ_LEN:
+        reasons.append(f"sequence length {qkv.shape[1]} is over the cpp kernel's maximum of {MAX_CPP_SEQ_LEN}")
     return reasons
 
 
 def _kernel_backend(qkv, num_heads, backend):
-    """The kernel backend the custom ops run (only triton so far), or UnsupportedBackendError."""
-    name = backends.select_backend("attention", qkv.device, backend or "triton", KERNEL_BACKENDS)
-    reasons = _kernel_refusals(qkv, num_heads)
+    """The kernel backend (cpp or triton) the custom ops run, or UnsupportedBackendError."""
+    name = backends.select_backend("attention", qkv.device, backend, KERNEL_BACKENDS)
+    if name not in KERNEL_BACKENDS:
+        raise backends.UnsupportedBackendError(
+            f"attention: no kernel backend can run on {qkv.device} tensors here "
+            f"(kernel backends: {', '.join(KERNEL_BACKENDS)}); use backend='torch'")
+    if name == "cpp" and qkv.device.type != "cpu":
+        raise backends.UnsupportedBackendError(
+            f"attention: the cpp kernel is CPU-only, got {qkv.device} tensors; use 'triton' or 'torch'")
+    reasons = _kernel_refusals(qkv, num_heads, name)
     if reasons:
         raise backends.UnsupportedBackendError(f"attention: backend {name!r} cannot run qkv of shape "
                                                f"{tuple(qkv.shape)}: {'; '.join(reasons)}. Use backend='torch'.")
@@ -73,13 +92,24 @@ def _check_backward(grad_out, qkv, out, lse, num_heads):
         raise ValueError(f"lse must have shape {(B, num_heads, N)}, got {tuple(lse.shape)}")
 
 
+def _cpp_qkv(qkv):
+    """qkv as the cpp kernel reads it: any batch and row strides, the channel dim packed."""
+    return qkv if qkv.stride(2) == 1 else qkv.contiguous()
+
+
 @torch.library.custom_op("mvmae_fast::attention", mutates_args=())
 def _attention_op(qkv: torch.Tensor, num_heads: int, backend: str) -> tuple[torch.Tensor, torch.Tensor]:
     _check(qkv, num_heads)
-    _kernel_backend(qkv, num_heads, backend)
+    name = _kernel_backend(qkv, num_heads, backend)
     B, N, C = qkv.shape
     out = new_output((B, N, C // 3), qkv.dtype, qkv.device)
     lse = new_output((B, num_heads, N), torch.float32, qkv.device)
+    if name == "cpp":
+        qkv = _cpp_qkv(qkv)
+        _ext._C.attention_forward_cpu(qkv.data_ptr(), out.data_ptr(), lse.data_ptr(), _CPP_DTYPE_CODES[qkv.dtype],
+                                      B, N, num_heads, C // (3 * num_heads), qkv.stride(1), qkv.stride(0),
+                                      torch.get_num_threads())
+        return out, lse
     from . import triton_impl
 
     with device_guard(qkv.device):
@@ -98,8 +128,15 @@ def _(qkv, num_heads, backend):
 def _attention_backward_op(grad_out: torch.Tensor, qkv: torch.Tensor, out: torch.Tensor, lse: torch.Tensor,
                            num_heads: int, backend: str) -> torch.Tensor:
     _check_backward(grad_out, qkv, out, lse, num_heads)
-    _kernel_backend(qkv, num_heads, backend)
+    name = _kernel_backend(qkv, num_heads, backend)
     dqkv = new_output(qkv.shape, qkv.dtype, qkv.device)
+    if name == "cpp":
+        B, N, C = qkv.shape
+        qkv, grad_out, out, lse = _cpp_qkv(qkv), grad_out.contiguous(), out.contiguous(), lse.contiguous()
+        _ext._C.attention_backward_cpu(grad_out.data_ptr(), qkv.data_ptr(), out.data_ptr(), lse.data_ptr(),
+                                       dqkv.data_ptr(), _CPP_DTYPE_CODES[qkv.dtype], B, N, num_heads,
+                                       C // (3 * num_heads), qkv.stride(1), qkv.stride(0), torch.get_num_threads())
+        return dqkv
     from . import triton_impl
 
     with device_guard(qkv.device):
@@ -133,12 +170,13 @@ _attention_op.register_autograd(_backward, setup_context=_setup_context)
 def attention(qkv, num_heads, *, backend=None):
     """softmax(q k^T / sqrt(Dh)) v per head, from the fused (B, N, 3*H*Dh) qkv tensor -> (B, N, H*Dh).
 
-    Differentiable in ``qkv``. ``backend``: ``"torch"`` or ``"triton"`` (default: triton for CUDA
-    tensors the kernels support, torch otherwise; see :mod:`mvmae_fast.backends`).
+    Differentiable in ``qkv``. ``backend``: ``"torch"``, ``"cpp"`` (CPU) or ``"triton"`` (CUDA)
+    (default: the kernel for the device when it supports the input, torch otherwise; see
+    :mod:`mvmae_fast.backends`).
     """
     _check(qkv, num_heads)
-    name = backends.select_backend("attention", qkv.device, backend or "", IMPLEMENTED)
-    if name in KERNEL_BACKENDS and _kernel_refusals(qkv, num_heads):
+    name = backends.select_backend("attention", qkv.device, backend or "", _implemented(qkv.device))
+    if name in KERNEL_BACKENDS and _kernel_refusals(qkv, num_heads, name):
         if backend or backends.requested_backend()[0] is not None:
             _kernel_backend(qkv, num_heads, name)  # raises, saying why
         name = "torch"

@@ -1,0 +1,59 @@
+"""Training-step throughput on the CPU, providers interleaved step by step in one process.
+
+On a shared (virtual) CPU the machine's speed drifts by 10-20% over a minute, so providers timed one
+after another (as pytest-benchmark does) can disagree by that much between runs. Alternating one step
+of each provider, round after round, exposes all of them to the same drift; the medians' ratios are
+the CPU numbers to quote. Same models, shapes and optimizer as benchmarks/test_step.py.
+
+    python benchmarks/interleaved_step.py                      # fp32 and bf16 autocast, MAE providers
+    python benchmarks/interleaved_step.py --precision bf16 --providers reference mae mvmae
+"""
+
+import argparse
+import os
+import sys
+import time
+
+import torch
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from test_step import PROVIDERS, build, make_step  # noqa: E402
+
+PRESET, BATCH = "vit_micro_patch4_32", 64
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--providers", nargs="+", choices=PROVIDERS, default=["reference", "mae"])
+    parser.add_argument("--precision", nargs="+", choices=("fp32", "bf16"), default=["fp32", "bf16"])
+    parser.add_argument("--rounds", type=int, default=20)
+    parser.add_argument("--warmup", type=int, default=5)
+    args = parser.parse_args()
+    device = torch.device("cpu")
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, {PRESET} batch {BATCH}, "
+          f"{args.rounds} interleaved rounds")
+    for precision in args.precision:
+        steps = {}
+        for provider in args.providers:
+            torch.manual_seed(0)
+            model, config = build(provider, PRESET, device)
+            steps[provider] = make_step(provider, model, device, BATCH, config, precision)
+        for step in steps.values():
+            for _ in range(args.warmup):
+                step()
+        times = {p: [] for p in steps}
+        for _ in range(args.rounds):
+            for provider, step in steps.items():
+                start = time.perf_counter()
+                step()
+                times[provider].append(time.perf_counter() - start)
+        base = None
+        for provider, t in times.items():
+            median = sorted(t)[len(t) // 2]
+            base = base or median
+            print(f"{precision:5s} {provider:24s} {median * 1e3:7.1f} ms  {BATCH / median:7.1f} img/s  "
+                  f"x{base / median:.3f} vs {args.providers[0]}")
+
+
+if __name__ == "__main__":
+    main()

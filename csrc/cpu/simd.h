@@ -1,0 +1,197 @@
+// Helpers for the CPU kernels that the compiler vectorises: dtype conversions, a polynomial exp and a
+// register-blocked fp32 micro-GEMM on padded buffers.
+//
+// Portability: the code is plain C++ that GCC/Clang auto-vectorise. Hot entry points are compiled
+// several times with MVF_CPU_CLONES (AVX-512, AVX2+FMA, baseline) and the best clone is picked at load
+// time, so one wheel runs everywhere and still uses wide vectors where the CPU has them.
+#pragma once
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+#include <cstring>
+
+#if defined(__GNUC__) && defined(__x86_64__) && !defined(__clang__) && defined(__linux__)
+#define MVF_CPU_CLONES __attribute__((target_clones("arch=x86-64-v4", "arch=x86-64-v3", "default")))
+#else
+#define MVF_CPU_CLONES
+#endif
+
+#if defined(__GNUC__)
+#define MVF_INLINE inline __attribute__((always_inline))
+#else
+#define MVF_INLINE inline
+#endif
+
+namespace mvmae_fast {
+
+// Element types crossing the boundary: 0 float32, 1 bfloat16, 2 float16 (the Python side maps them).
+enum CpuDtype : int { kFloat32 = 0, kBFloat16 = 1, kFloat16 = 2 };
+
+constexpr int64_t kVec = 16;  // floats per 64-byte vector; scratch rows are padded to a multiple
+
+MVF_INLINE int64_t pad_vec(int64_t n) { return (n + kVec - 1) / kVec * kVec; }
+
+MVF_INLINE float bits_to_float(uint32_t bits) {
+  float f;
+  std::memcpy(&f, &bits, sizeof f);
+  return f;
+}
+
+MVF_INLINE uint32_t float_to_bits(float f) {
+  uint32_t bits;
+  std::memcpy(&bits, &f, sizeof bits);
+  return bits;
+}
+
+MVF_INLINE float bf16_to_float(uint16_t h) { return bits_to_float(static_cast<uint32_t>(h) << 16); }
+
+// Round to nearest even, as torch does; NaN stays NaN.
+MVF_INLINE uint16_t float_to_bf16(float f) {
+  uint32_t x = float_to_bits(f);
+  if ((x & 0x7fffffffu) > 0x7f800000u) return static_cast<uint16_t>((x >> 16) | 0x40);
+  x += 0x7fffu + ((x >> 16) & 1u);
+  return static_cast<uint16_t>(x >> 16);
+}
+
+MVF_INLINE float half_to_float(uint16_t h) {
+  const uint32_t sign = static_cast<uint32_t>(h & 0x8000u) << 16;
+  const uint32_t exponent = (h >> 10) & 0x1fu;
+  const uint32_t mantissa = h & 0x3ffu;
+  if (exponent == 0) {  // zero or subnormal: mantissa * 2^-24
+    const float magnitude = static_cast<float>(mantissa) * 5.9604644775390625e-8f;
+    return bits_to_float(float_to_bits(magnitude) | sign);
+  }
+  if (exponent == 31) return bits_to_float(sign | 0x7f800000u | (mantissa << 13));
+  return bits_to_float(sign | ((exponent + 112u) << 23) | (mantissa << 13));
+}
+
+// Round to nearest even; overflow gives inf, NaN stays NaN.
+MVF_INLINE uint16_t float_to_half(float f) {
+  uint32_t x = float_to_bits(f);
+  const uint16_t sign = static_cast<uint16_t>((x >> 16) & 0x8000u);
+  x &= 0x7fffffffu;
+  if (x >= 0x7f800000u) return sign | (x > 0x7f800000u ? 0x7e00 : 0x7c00);
+  if (x >= 0x477ff000u) return sign | 0x7c00;  // >= 65520 rounds to inf
+  if (x < 0x38800000u) {                       // below 2^-14: a subnormal half (or zero)
+    const float scaled = bits_to_float(x) * 16777216.0f;  // units of 2^-24
+    return sign | static_cast<uint16_t>(std::nearbyint(scaled));
+  }
+  x += 0xc8000fffu + ((x >> 13) & 1u);  // rebias the exponent (-112 << 23) and round
+  return sign | static_cast<uint16_t>(x >> 13);
+}
+
+template <int D>
+MVF_INLINE float load_as_float(const void* base, int64_t i) {
+  if constexpr (D == kFloat32) return static_cast<const float*>(base)[i];
+  if constexpr (D == kBFloat16) return bf16_to_float(static_cast<const uint16_t*>(base)[i]);
+  return half_to_float(static_cast<const uint16_t*>(base)[i]);
+}
+
+template <int D>
+MVF_INLINE void store_from_float(void* base, int64_t i, float v) {
+  if constexpr (D == kFloat32) static_cast<float*>(base)[i] = v;
+  else if constexpr (D == kBFloat16) static_cast<uint16_t*>(base)[i] = float_to_bf16(v);
+  else static_cast<uint16_t*>(base)[i] = float_to_half(v);
+}
+
+// e^x for x <= 0 (inputs below -87 give ~1e-38 rather than 0): Cody-Waite range reduction and the
+// Cephes expf polynomial, ~1 ulp. Branch-free so loops over it vectorise.
+MVF_INLINE float exp_nonpositive(float x) {
+  x = std::max(x, -87.0f);  // (NaN passes through)
+  // Round to nearest with the 1.5 * 2^23 trick: no libm call, so the loop stays vectorisable.
+  const float n = (x * 1.44269504088896341f + 12582912.0f) - 12582912.0f;
+  float r = x - n * 0.693359375f;
+  r = r + n * 2.12194440e-4f;
+  float p = 1.9875691500e-4f;
+  p = p * r + 1.3981999507e-3f;
+  p = p * r + 8.3334519073e-3f;
+  p = p * r + 4.1665795894e-2f;
+  p = p * r + 1.6666665459e-1f;
+  p = p * r + 5.0000001201e-1f;
+  p = p * r * r + r + 1.0f;
+  const uint32_t scale = static_cast<uint32_t>(static_cast<int32_t>(n) + 127) << 23;
+  return p * bits_to_float(scale);
+}
+
+// Max and sum of x[0, n) in kVec independent lanes, so they vectorise without -ffast-math.
+MVF_INLINE float lane_max(const float* x, int64_t n) {
+  float part[kVec];
+  for (int v = 0; v < kVec; ++v) part[v] = -INFINITY;
+  int64_t j = 0;
+  for (; j + kVec <= n; j += kVec)
+    for (int v = 0; v < kVec; ++v) part[v] = part[v] < x[j + v] ? x[j + v] : part[v];
+  float m = -INFINITY;
+  for (int v = 0; v < kVec; ++v) m = m < part[v] ? part[v] : m;
+  for (; j < n; ++j) m = m < x[j] ? x[j] : m;
+  return m;
+}
+
+MVF_INLINE float lane_sum(const float* x, int64_t n) {
+  float part[kVec] = {};
+  int64_t j = 0;
+  for (; j + kVec <= n; j += kVec)
+    for (int v = 0; v < kVec; ++v) part[v] += x[j + v];
+  float sum = 0.0f;
+  for (int v = 0; v < kVec; ++v) sum += part[v];
+  for (; j < n; ++j) sum += x[j];
+  return sum;
+}
+
+// Eight floats as one value: GCC/Clang vector extensions, lowered to one ymm register where the clone
+// has AVX2 and to two xmm registers otherwise.
+typedef float vec8 __attribute__((vector_size(32)));
+
+MVF_INLINE vec8 load8(const float* p) {
+  vec8 v;
+  std::memcpy(&v, p, sizeof v);
+  return v;
+}
+
+MVF_INLINE void store8(float* p, vec8 v) { std::memcpy(p, &v, sizeof v); }
+
+// C[MR x NC] = A[MR x K] * B[K x NC], row-major with leading dims; NC a multiple of kVec. Each
+// kVec-wide column block keeps 2 * MR accumulator vectors in registers over the whole K loop.
+// TRANS_A: A is stored transposed, (K x MR) with leading dim lda, so C = A^T B without a copy.
+template <int MR, bool TRANS_A>
+MVF_INLINE void gemm_rows(const float* __restrict A, int64_t lda, const float* __restrict B, int64_t ldb,
+                          float* __restrict C, int64_t ldc, int64_t K, int64_t NC) {
+  for (int64_t n0 = 0; n0 < NC; n0 += kVec) {
+    vec8 lo[MR], hi[MR];
+    for (int r = 0; r < MR; ++r) lo[r] = hi[r] = vec8{};
+    const float* b = B + n0;
+    for (int64_t k = 0; k < K; ++k, b += ldb) {
+      const vec8 b0 = load8(b), b1 = load8(b + 8);
+      for (int r = 0; r < MR; ++r) {
+        const float a = TRANS_A ? A[k * lda + r] : A[r * lda + k];
+        lo[r] += a * b0;
+        hi[r] += a * b1;
+      }
+    }
+    for (int r = 0; r < MR; ++r) {
+      store8(C + r * ldc + n0, lo[r]);
+      store8(C + r * ldc + n0 + 8, hi[r]);
+    }
+  }
+}
+
+// C[M x NC] = op(A) * B[K x NC] with op(A) = A[M x K], or A^T for A stored (K x M) when TRANS_A
+// (see gemm_rows).
+template <bool TRANS_A = false>
+MVF_INLINE void gemm(const float* A, int64_t lda, const float* B, int64_t ldb, float* C, int64_t ldc,
+                     int64_t M, int64_t K, int64_t NC) {
+  const int64_t row_step = TRANS_A ? 1 : lda;  // from one row of op(A) to the next
+  int64_t m = 0;
+  for (; m + 6 <= M; m += 6) gemm_rows<6, TRANS_A>(A + m * row_step, lda, B, ldb, C + m * ldc, ldc, K, NC);
+  A += m * row_step;
+  C += m * ldc;
+  switch (M - m) {
+    case 5: gemm_rows<5, TRANS_A>(A, lda, B, ldb, C, ldc, K, NC); break;
+    case 4: gemm_rows<4, TRANS_A>(A, lda, B, ldb, C, ldc, K, NC); break;
+    case 3: gemm_rows<3, TRANS_A>(A, lda, B, ldb, C, ldc, K, NC); break;
+    case 2: gemm_rows<2, TRANS_A>(A, lda, B, ldb, C, ldc, K, NC); break;
+    case 1: gemm_rows<1, TRANS_A>(A, lda, B, ldb, C, ldc, K, NC); break;
+    default: break;
+  }
+}
+
+}  // namespace mvmae_fast
