@@ -16,8 +16,8 @@ template <class Index>
 int gather_impl(const char* x, const Index* ids, char* out, int64_t batch, int64_t num_rows,
                 int64_t num_ids, int64_t row_bytes, int threads) {
   std::atomic<int> status{kOk};
-  // Threads only pay off for copies of a few MB: below that, waking them (while torch's own
-  // OpenMP workers may still be spinning) costs more than the copy.
+  // A second thread only pays off for copies of a few MB: below that, starting the parallel region
+  // costs more than the copy.
   const int64_t grain = std::max<int64_t>(1, (int64_t{2} << 20) / row_bytes);
   parallel_for(batch * num_ids, grain, threads, [&](int64_t begin, int64_t end) {
     for (int64_t r = begin; r < end; ++r) {
@@ -57,8 +57,8 @@ int scatter_impl(const char* y, const Index* ids, char* out, int64_t batch, int6
     }
   });
   if (status.load() != kOk) return status.load();
-  // Threads only pay off for copies of a few MB: below that, waking them (while torch's own
-  // OpenMP workers may still be spinning) costs more than the copy.
+  // A second thread only pays off for copies of a few MB: below that, starting the parallel region
+  // costs more than the copy.
   const int64_t grain = std::max<int64_t>(1, (int64_t{2} << 20) / row_bytes);
   parallel_for(batch * num_rows, grain, threads, [&](int64_t begin, int64_t end) {
     for (int64_t r = begin; r < end; ++r) {
