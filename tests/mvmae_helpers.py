@@ -9,6 +9,7 @@ from __future__ import annotations
 import itertools
 import math
 import os
+import socket
 import subprocess
 import sys
 
@@ -293,7 +294,7 @@ def sampler_cyclic_window(B, L, K, seed):
 
 
 # --------------------------------------------------------------------------- #
-# subprocess helper
+# subprocess helpers
 # --------------------------------------------------------------------------- #
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -312,6 +313,49 @@ def run_python(code: str, env_remove=(), env_set=None, timeout: int = 240) -> su
         text=True,
         timeout=timeout,
     )
+
+
+_DIST_INFO_NCE_WORKER = """
+import sys, torch, torch.distributed as dist
+from mvmae_fast.ops.info_nce import info_nce
+rank, world, port, out = int(sys.argv[1]), int(sys.argv[2]), sys.argv[3], sys.argv[4]
+n, d, temperature, backend = int(sys.argv[5]), int(sys.argv[6]), float(sys.argv[7]), sys.argv[8] or None
+dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
+g = torch.Generator().manual_seed(0)
+z1 = torch.nn.functional.normalize(torch.randn(n, d, generator=g), dim=1)
+z2 = torch.nn.functional.normalize(torch.randn(n, d, generator=g), dim=1)
+b = n // world
+a1 = z1[rank * b:(rank + 1) * b].clone().requires_grad_()
+a2 = z2[rank * b:(rank + 1) * b].clone().requires_grad_()
+loss = info_nce(a1, a2, temperature, backend=backend)
+loss.backward()
+mean_loss = loss.detach().clone()
+dist.all_reduce(mean_loss)
+torch.save({"loss": loss.detach(), "mean_loss": mean_loss / world, "g1": a1.grad, "g2": a2.grad},
+           f"{out}/rank{rank}.pt")
+dist.destroy_process_group()
+"""
+
+
+def run_distributed_info_nce(tmp_path, n, d, temperature, backend=None, world=2):
+    """``info_nce`` on ``world`` gloo processes, rank r holding rows [r*n/world, (r+1)*n/world) of two
+    seeded, normalised (n, d) batches. Returns (per-rank dicts with the local loss, the ranks' mean
+    loss and the local gradients; z1; z2), z1 and z2 being the whole batches as leaf tensors."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    script = tmp_path / "worker.py"
+    script.write_text(_DIST_INFO_NCE_WORKER)
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    if backend == "triton":
+        env["TRITON_INTERPRET"] = "1"
+    args = [str(world), str(port), str(tmp_path), str(n), str(d), str(temperature), backend or ""]
+    procs = [subprocess.Popen([sys.executable, str(script), str(r), *args], env=env) for r in range(world)]
+    assert all(p.wait(timeout=120) == 0 for p in procs)
+    g = torch.Generator().manual_seed(0)
+    z1 = torch.nn.functional.normalize(torch.randn(n, d, generator=g), dim=1).requires_grad_()
+    z2 = torch.nn.functional.normalize(torch.randn(n, d, generator=g), dim=1).requires_grad_()
+    return [torch.load(tmp_path / f"rank{r}.pt") for r in range(world)], z1, z2
 
 
 # --------------------------------------------------------------------------- #

@@ -7,11 +7,6 @@ computation: the kernel's error must stay within twice the error of the referenc
 triton cases are few and small.
 """
 
-import os
-import socket
-import subprocess
-import sys
-import textwrap
 
 import pytest
 import torch
@@ -20,6 +15,7 @@ import torch.nn.functional as F
 from mvmae_fast import backends
 from mvmae_fast.ops.info_nce import info_nce, info_nce_rows
 from mvmae_fast.ops.recon_loss import masked_recon_loss, masked_recon_loss_rows, patchify
+from mvmae_helpers import run_distributed_info_nce
 
 
 def assert_close_to_exact(actual, approx, exact, what, atol):
@@ -293,43 +289,13 @@ def test_info_nce_local_rows_against_a_global_set(offset):
     assert float(results["torch"][2].abs().max()) > 1e-3
 
 
-DIST_WORKER = textwrap.dedent("""
-    import sys, torch, torch.distributed as dist
-    from mvmae_fast.ops.info_nce import info_nce
-    rank, world, port, out = int(sys.argv[1]), int(sys.argv[2]), sys.argv[3], sys.argv[4]
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
-    g = torch.Generator().manual_seed(0)
-    z1 = torch.nn.functional.normalize(torch.randn(6, 17, generator=g), dim=1)
-    z2 = torch.nn.functional.normalize(torch.randn(6, 17, generator=g), dim=1)
-    b = 6 // world
-    a1 = z1[rank * b:(rank + 1) * b].clone().requires_grad_()
-    a2 = z2[rank * b:(rank + 1) * b].clone().requires_grad_()
-    loss = info_nce(a1, a2, 0.05, backend="triton")
-    loss.backward()
-    torch.save({"loss": loss.detach(), "g1": a1.grad, "g2": a2.grad}, f"{out}/rank{rank}.pt")
-    dist.destroy_process_group()
-""")
-
-
 def test_info_nce_triton_under_torch_distributed(tmp_path):
     """2 ranks of 3 images each (2B = 6 local rows against 12): with DDP's averaging, the same loss
     and gradients as one process on the whole batch."""
     world = 2
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    script = tmp_path / "worker.py"
-    script.write_text(DIST_WORKER)
-    env = dict(os.environ, TRITON_INTERPRET="1")
-    procs = [subprocess.Popen([sys.executable, str(script), str(r), str(world), str(port), str(tmp_path)], env=env)
-             for r in range(world)]
-    assert all(p.wait(timeout=120) == 0 for p in procs)
-    g = torch.Generator().manual_seed(0)
-    z1 = F.normalize(torch.randn(6, 17, generator=g), dim=1).requires_grad_()
-    z2 = F.normalize(torch.randn(6, 17, generator=g), dim=1).requires_grad_()
+    results, z1, z2 = run_distributed_info_nce(tmp_path, 6, 17, 0.05, backend="triton", world=world)
     loss = info_nce(z1, z2, 0.05, backend="torch")
     loss.backward()
-    results = [torch.load(tmp_path / f"rank{r}.pt") for r in range(world)]
     torch.testing.assert_close(sum(r["loss"] for r in results) / world, loss.detach(), rtol=1e-5, atol=1e-6)
     for r, res in enumerate(results):
         torch.testing.assert_close(res["g1"] / world, z1.grad[3 * r:3 * r + 3], rtol=1e-4, atol=1e-6)

@@ -2,17 +2,13 @@
 definitions, on a tiny configuration (32 px images, 4 px patches, L = 64)."""
 
 import math
-import os
-import socket
-import subprocess
-import sys
-import textwrap
 
 import pytest
 import torch
 
 from mvmae_fast import ops, reference_mae
 from mvmae_fast.models import MVMAE, MaskedAutoencoderViT, MVMAEConfig, create_model
+from mvmae_helpers import run_distributed_info_nce
 
 TINY = dict(img_size=32, patch_size=4, in_chans=3, embed_dim=64, depth=2, num_heads=4,
             decoder_embed_dim=32, decoder_depth=1, decoder_num_heads=4, mlp_ratio=4.0)
@@ -300,47 +296,14 @@ def test_tiny_model_learns_on_default_dataset():
     assert sum(losses[-5:]) / 5 < 0.9 * sum(losses[:5]) / 5, losses
 
 
-DIST_WORKER = textwrap.dedent("""
-    import os, sys, torch, torch.distributed as dist
-    from mvmae_fast import ops
-    rank, world, port, out = int(sys.argv[1]), int(sys.argv[2]), sys.argv[3], sys.argv[4]
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
-    g = torch.Generator().manual_seed(0)
-    z1 = torch.nn.functional.normalize(torch.randn(8, 16, generator=g), dim=1)
-    z2 = torch.nn.functional.normalize(torch.randn(8, 16, generator=g), dim=1)
-    b = 8 // world
-    a1 = z1[rank * b:(rank + 1) * b].clone().requires_grad_()
-    a2 = z2[rank * b:(rank + 1) * b].clone().requires_grad_()
-    loss = ops.info_nce(a1, a2, 0.1)
-    loss.backward()
-    mean_loss = loss.detach().clone()
-    dist.all_reduce(mean_loss)
-    torch.save({"loss": mean_loss / world, "g1": a1.grad, "g2": a2.grad}, f"{out}/rank{rank}.pt")
-    dist.destroy_process_group()
-""")
-
-
 def test_distributed_info_nce_equals_single_process(tmp_path):
     world = 2
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    script = tmp_path / "worker.py"
-    script.write_text(DIST_WORKER)
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    procs = [subprocess.Popen([sys.executable, str(script), str(r), str(world), str(port), str(tmp_path)], env=env)
-             for r in range(world)]
-    assert all(p.wait(timeout=120) == 0 for p in procs)
-
-    g = torch.Generator().manual_seed(0)
-    z1 = torch.nn.functional.normalize(torch.randn(8, 16, generator=g), dim=1).requires_grad_()
-    z2 = torch.nn.functional.normalize(torch.randn(8, 16, generator=g), dim=1).requires_grad_()
+    results, z1, z2 = run_distributed_info_nce(tmp_path, 8, 16, 0.1, world=world)
     loss = ops.info_nce(z1, z2, 0.1)
     loss.backward()
-    results = [torch.load(tmp_path / f"rank{r}.pt") for r in range(world)]
     b = 8 // world
     for r, res in enumerate(results):
-        torch.testing.assert_close(res["loss"], loss.detach(), rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(res["mean_loss"], loss.detach(), rtol=1e-5, atol=1e-6)
         # DDP averages gradients over ranks; all_gather's backward sums every rank's contribution.
         torch.testing.assert_close(res["g1"] / world, z1.grad[r * b:(r + 1) * b], rtol=1e-4, atol=1e-6)
         torch.testing.assert_close(res["g2"] / world, z2.grad[r * b:(r + 1) * b], rtol=1e-4, atol=1e-6)
