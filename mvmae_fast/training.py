@@ -35,8 +35,8 @@ def make_optimizer(model, lr, weight_decay, betas=(0.9, 0.95), device_type="cpu"
 
             return FusedAdam(groups, lr=lr, betas=betas, adam_w_mode=True), "apex FusedAdam"
         except ImportError:
-            return torch.optim.AdamW(groups, lr=lr, betas=betas, fused=True), "torch AdamW (fused)"
-    if device_type == "cpu":
+            pass
+    if device_type in ("cuda", "cpu"):
         return torch.optim.AdamW(groups, lr=lr, betas=betas, fused=True), "torch AdamW (fused)"
     return torch.optim.AdamW(groups, lr=lr, betas=betas), "torch AdamW"
 

@@ -136,16 +136,14 @@ def test_cpp_conversions_are_exact(dtype):
 def test_cpp_independent_of_thread_count():
     qkv, grad = make_qkv(4, 3, 33, 32, torch.float32)
     threads = torch.get_num_threads()
-    try:
-        torch.set_num_threads(1)
-        one = run(kernel_attention(3, "cpp"), qkv, grad)
-    finally:
-        torch.set_num_threads(threads)
-    torch.set_num_threads(max(2, threads))
-    try:
-        many = run(kernel_attention(3, "cpp"), qkv, grad)
-    finally:
-        torch.set_num_threads(threads)
+    results = []
+    for count in (1, max(2, threads)):
+        torch.set_num_threads(count)
+        try:
+            results.append(run(kernel_attention(3, "cpp"), qkv, grad))
+        finally:
+            torch.set_num_threads(threads)
+    one, many = results
     for name in one:
         assert torch.equal(one[name], many[name]), name
 

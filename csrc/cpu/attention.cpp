@@ -46,13 +46,17 @@ MVF_INLINE void load_heads(const void* x, const Shape& s, int64_t b, int64_t h, 
   }
 }
 
-// dst (cols x rows_padded) = transpose of src (rows x ld), zero in the padded columns.
-MVF_INLINE void transpose(const float* src, int64_t ld, int64_t rows, int64_t cols, float* dst, int64_t ldd) {
-  for (int64_t c = 0; c < cols; ++c) {
-    float* out = dst + c * ldd;
-    for (int64_t r = 0; r < rows; ++r) out[r] = src[r * ld + c];
-    for (int64_t r = rows; r < ldd; ++r) out[r] = 0.0f;
+// dst (Dh x np): part `which` of head h of sample b, transposed (dst[d * np + i] = row i, element d),
+// zero in the padded columns.
+template <int D>
+MVF_INLINE void load_transposed(const void* qkv, const Shape& s, int64_t b, int which, int64_t h, float* dst) {
+  const int64_t np = s.np();
+  for (int64_t i = 0; i < s.seq; ++i) {
+    const int64_t base = b * s.batch_stride + i * s.row_stride + (which * s.heads + h) * s.head_dim;
+    for (int64_t d = 0; d < s.head_dim; ++d) dst[d * np + i] = load_as_float<D>(qkv, base + d);
   }
+  for (int64_t d = 0; d < s.head_dim; ++d)
+    for (int64_t i = s.seq; i < np; ++i) dst[d * np + i] = 0.0f;
 }
 
 // S = (scale q) k^T into sbuf (N x np); the padded columns come out 0.
@@ -65,17 +69,15 @@ MVF_CPU_CLONES void forward_head(const void* qkv, void* out, float* lse, const S
                                  float* scratch) {
   const int64_t N = s.seq, np = s.np(), dp = s.dp();
   float* q = scratch;            // N x dp, scaled
-  float* k = q + N * dp;         // N x dp
-  float* v = k + N * dp;         // N x dp
+  float* v = q + N * dp;         // N x dp
   float* kt = v + N * dp;        // dp x np
   float* p = kt + dp * np;       // N x np
   float* o = p + N * np;         // N x dp
   for (int64_t i = 0; i < N; ++i) {
     load_row<D>(qkv, s, b, i, 0, h, s.scale, q + i * dp);
-    load_row<D>(qkv, s, b, i, 1, h, 1.0f, k + i * dp);
     load_row<D>(qkv, s, b, i, 2, h, 1.0f, v + i * dp);
   }
-  transpose(k, dp, N, s.head_dim, kt, np);
+  load_transposed<D>(qkv, s, b, 1, h, kt);
   scores(s, q, kt, p);
   for (int64_t i = 0; i < N; ++i) {
     float* row = p + i * np;
@@ -99,8 +101,7 @@ MVF_CPU_CLONES void backward_head(const void* grad_out, const void* qkv, const v
   const int64_t N = s.seq, np = s.np(), dp = s.dp(), hd = s.heads * s.head_dim;
   float* q = scratch;         // N x dp, scaled
   float* k = q + N * dp;      // N x dp
-  float* v = k + N * dp;      // N x dp
-  float* go = v + N * dp;     // N x dp
+  float* go = k + N * dp;     // N x dp
   float* t = go + N * dp;     // dp x np: k^T, then v^T
   float* p = t + dp * np;     // N x np: probabilities
   float* ds = p + N * np;     // N x np: dP, then dS
@@ -113,9 +114,8 @@ MVF_CPU_CLONES void backward_head(const void* grad_out, const void* qkv, const v
     delta[i] = lane_sum(g + i * dp, dp);
     load_row<D>(qkv, s, b, i, 0, h, s.scale, q + i * dp);
     load_row<D>(qkv, s, b, i, 1, h, 1.0f, k + i * dp);
-    load_row<D>(qkv, s, b, i, 2, h, 1.0f, v + i * dp);
   }
-  transpose(k, dp, N, s.head_dim, t, np);
+  load_transposed<D>(qkv, s, b, 1, h, t);
   scores(s, q, t, p);
   const float* row_lse = lse + (b * s.heads + h) * N;
   for (int64_t i = 0; i < N; ++i) {
@@ -123,7 +123,7 @@ MVF_CPU_CLONES void backward_head(const void* grad_out, const void* qkv, const v
     const float l = row_lse[i];
     for (int64_t j = 0; j < N; ++j) row[j] = exp_nonpositive(std::min(row[j] - l, 0.0f));
   }
-  transpose(v, dp, N, s.head_dim, t, np);
+  load_transposed<D>(qkv, s, b, 2, h, t);
   gemm(go, dp, t, np, ds, np, N, s.head_dim, np);  // dP = dO v^T
   for (int64_t i = 0; i < N; ++i) {
     float* row = ds + i * np;
@@ -150,7 +150,7 @@ int64_t head_flops(const Shape& s) { return std::max<int64_t>(1, s.seq * s.seq *
 // Each thread needs this many floats of scratch (the backward's, which is the larger).
 int64_t scratch_floats(const Shape& s) {
   const int64_t N = s.seq, np = s.np(), dp = s.dp();
-  return 5 * N * dp + dp * np + 2 * N * np + N;
+  return 4 * N * dp + dp * np + 2 * N * np + N;
 }
 
 template <class Fn>

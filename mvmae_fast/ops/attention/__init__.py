@@ -97,6 +97,13 @@ def _cpp_qkv(qkv):
     return qkv if qkv.stride(2) == 1 else qkv.contiguous()
 
 
+def _cpp_shape_args(qkv, num_heads):
+    """The cpp kernels' trailing arguments: dtype code, sizes, qkv's strides, thread count."""
+    B, N, C = qkv.shape
+    return (_CPP_DTYPE_CODES[qkv.dtype], B, N, num_heads, C // (3 * num_heads), qkv.stride(1), qkv.stride(0),
+            torch.get_num_threads())
+
+
 @torch.library.custom_op("mvmae_fast::attention", mutates_args=())
 def _attention_op(qkv: torch.Tensor, num_heads: int, backend: str) -> tuple[torch.Tensor, torch.Tensor]:
     _check(qkv, num_heads)
@@ -106,9 +113,7 @@ def _attention_op(qkv: torch.Tensor, num_heads: int, backend: str) -> tuple[torc
     lse = new_output((B, num_heads, N), torch.float32, qkv.device)
     if name == "cpp":
         qkv = _cpp_qkv(qkv)
-        _ext._C.attention_forward_cpu(qkv.data_ptr(), out.data_ptr(), lse.data_ptr(), _CPP_DTYPE_CODES[qkv.dtype],
-                                      B, N, num_heads, C // (3 * num_heads), qkv.stride(1), qkv.stride(0),
-                                      torch.get_num_threads())
+        _ext._C.attention_forward_cpu(qkv.data_ptr(), out.data_ptr(), lse.data_ptr(), *_cpp_shape_args(qkv, num_heads))
         return out, lse
     from . import triton_impl
 
@@ -130,17 +135,16 @@ def _attention_backward_op(grad_out: torch.Tensor, qkv: torch.Tensor, out: torch
     _check_backward(grad_out, qkv, out, lse, num_heads)
     name = _kernel_backend(qkv, num_heads, backend)
     dqkv = new_output(qkv.shape, qkv.dtype, qkv.device)
+    lse = lse.contiguous()
     if name == "cpp":
-        B, N, C = qkv.shape
-        qkv, grad_out, out, lse = _cpp_qkv(qkv), grad_out.contiguous(), out.contiguous(), lse.contiguous()
+        qkv, grad_out, out = _cpp_qkv(qkv), grad_out.contiguous(), out.contiguous()
         _ext._C.attention_backward_cpu(grad_out.data_ptr(), qkv.data_ptr(), out.data_ptr(), lse.data_ptr(),
-                                       dqkv.data_ptr(), _CPP_DTYPE_CODES[qkv.dtype], B, N, num_heads,
-                                       C // (3 * num_heads), qkv.stride(1), qkv.stride(0), torch.get_num_threads())
+                                       dqkv.data_ptr(), *_cpp_shape_args(qkv, num_heads))
         return dqkv
     from . import triton_impl
 
     with device_guard(qkv.device):
-        triton_impl.backward(grad_out, qkv, out, lse.contiguous(), num_heads, dqkv)
+        triton_impl.backward(grad_out, qkv, out, lse, num_heads, dqkv)
     return dqkv
 
 
