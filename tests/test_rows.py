@@ -149,23 +149,16 @@ def test_scatter_backward(backend, idx_dtype, dtype, shape):
     check_scatter_grad(backend, dtype, idx_dtype, *shape)
 
 
+@pytest.mark.parametrize("check", [torch.autograd.gradcheck, torch.autograd.gradgradcheck],
+                         ids=["gradcheck", "gradgradcheck"])
 @pytest.mark.parametrize("backend", ["torch", "cpp"])
-def test_gradcheck(backend):
+def test_gradcheck(backend, check):
+    """gradgradcheck: backward of gather is scatter (and vice versa), itself differentiable."""
     x = make_x((2, 6, 3), torch.float64).requires_grad_()
     y = make_x((2, 4, 3), torch.float64).requires_grad_()
     ids = make_ids(2, 6, 4, seed=9)
-    assert torch.autograd.gradcheck(lambda t: ops.gather_rows(t, ids, backend=backend), (x,))
-    assert torch.autograd.gradcheck(lambda t: ops.scatter_rows(t, ids, 6, backend=backend), (y,))
-
-
-@pytest.mark.parametrize("backend", ["torch", "cpp"])
-def test_gradgradcheck(backend):
-    """backward of gather is scatter (and vice versa), itself differentiable."""
-    x = make_x((2, 6, 3), torch.float64).requires_grad_()
-    y = make_x((2, 4, 3), torch.float64).requires_grad_()
-    ids = make_ids(2, 6, 4, seed=9)
-    assert torch.autograd.gradgradcheck(lambda t: ops.gather_rows(t, ids, backend=backend), (x,))
-    assert torch.autograd.gradgradcheck(lambda t: ops.scatter_rows(t, ids, 6, backend=backend), (y,))
+    assert check(lambda t: ops.gather_rows(t, ids, backend=backend), (x,))
+    assert check(lambda t: ops.scatter_rows(t, ids, 6, backend=backend), (y,))
 
 
 # --------------------------------------------------------------------------- #
