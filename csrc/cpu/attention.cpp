@@ -5,7 +5,9 @@
 // dqkv has qkv's packed (B, N, 3 * H * Dh) layout, contiguous. One task per (sample, head): the whole
 // N x N score matrix of a head lives in a per-thread fp32 scratch (N is 17-257 for MAE's encoders and
 // decoders), so every product is one register-blocked micro-GEMM with no softmax rescaling passes.
-// bfloat16 and float16 are converted to float32 on load and rounded once on store.
+// The scores are kept transposed (keys down, queries across the vector lanes; see forward_head),
+// which makes the softmax statistics vertical vector operations. bfloat16 and float16 are converted
+// to float32 on load and rounded once on store.
 #include <algorithm>
 #include <cmath>
 #include <vector>
@@ -25,73 +27,79 @@ struct Shape {
   int64_t dp() const { return pad_vec(head_dim); }
 };
 
-// Row i of head h, part `which` (0 q, 1 k, 2 v) of sample b, as float into dst[0, dp) (zero padded),
-// times `mul`.
-template <int D>
-MVF_INLINE void load_row(const void* qkv, const Shape& s, int64_t b, int64_t i, int which, int64_t h,
-                         float mul, float* dst) {
-  const int64_t base = b * s.batch_stride + i * s.row_stride + (which * s.heads + h) * s.head_dim;
-  for (int64_t d = 0; d < s.head_dim; ++d) dst[d] = load_as_float<D>(qkv, base + d) * mul;
-  for (int64_t d = s.head_dim; d < s.dp(); ++d) dst[d] = 0.0f;
+// Where row i of a head's rows starts, in elements: part `which` (0 q, 1 k, 2 v) of head h in qkv, or
+// head h of a packed (B, N, H * Dh) tensor (out and its gradient).
+MVF_INLINE int64_t qkv_row(const Shape& s, int64_t b, int64_t i, int which, int64_t h) {
+  return b * s.batch_stride + i * s.row_stride + (which * s.heads + h) * s.head_dim;
 }
 
-// dst (N x dp): rows of a packed (B, N, H * Dh) tensor for head h of sample b.
-template <int D>
-MVF_INLINE void load_heads(const void* x, const Shape& s, int64_t b, int64_t h, float* dst) {
+MVF_INLINE int64_t packed_row(const Shape& s, int64_t b, int64_t i, int64_t h) {
+  return (b * s.seq + i) * s.heads * s.head_dim + h * s.head_dim;
+}
+
+// dst (N x dp), row i = the head_dim elements at src + row(i), times mul; zero padded columns.
+template <int D, class Row>
+MVF_INLINE void load_rows(const void* src, const Shape& s, const Row& row, float mul, float* dst) {
   const int64_t dp = s.dp();
   for (int64_t i = 0; i < s.seq; ++i) {
-    const int64_t base = (b * s.seq + i) * s.heads * s.head_dim + h * s.head_dim;
-    for (int64_t d = 0; d < s.head_dim; ++d) dst[i * dp + d] = load_as_float<D>(x, base + d);
+    const int64_t base = row(i);
+    for (int64_t d = 0; d < s.head_dim; ++d) dst[i * dp + d] = load_as_float<D>(src, base + d) * mul;
     for (int64_t d = s.head_dim; d < dp; ++d) dst[i * dp + d] = 0.0f;
   }
 }
 
-// dst (Dh x np): part `which` of head h of sample b, transposed (dst[d * np + i] = row i, element d),
-// zero in the padded columns.
-template <int D>
-MVF_INLINE void load_transposed(const void* qkv, const Shape& s, int64_t b, int which, int64_t h, float* dst) {
+// The same rows transposed: dst (Dh x np), dst[d * np + i] = element d of row i, times mul; zero in
+// the padded columns (rows Dh..dp are never read: every product with it stops at Dh).
+template <int D, class Row>
+MVF_INLINE void load_columns(const void* src, const Shape& s, const Row& row, float mul, float* dst) {
   const int64_t np = s.np();
   for (int64_t i = 0; i < s.seq; ++i) {
-    const int64_t base = b * s.batch_stride + i * s.row_stride + (which * s.heads + h) * s.head_dim;
-    for (int64_t d = 0; d < s.head_dim; ++d) dst[d * np + i] = load_as_float<D>(qkv, base + d);
+    const int64_t base = row(i);
+    for (int64_t d = 0; d < s.head_dim; ++d) dst[d * np + i] = load_as_float<D>(src, base + d) * mul;
   }
   for (int64_t d = 0; d < s.head_dim; ++d)
     for (int64_t i = s.seq; i < np; ++i) dst[d * np + i] = 0.0f;
 }
 
-// S = (scale q) k^T into sbuf (N x np); the padded columns come out 0.
-MVF_INLINE void scores(const Shape& s, const float* q, const float* kt, float* sbuf) {
-  gemm(q, s.dp(), kt, s.np(), sbuf, s.np(), s.seq, s.head_dim, s.np());
-}
-
+// Both passes work on the transposed scores S^T = k (scale q)^T: row j is key j, the vector lanes are
+// queries. Softmax statistics are then per-lane (vertical) maxima and sums over rows, with no
+// horizontal reductions and no ragged tails (the lanes are padded to np; the padded queries score 0
+// and are never stored).
 template <int D>
 MVF_CPU_CLONES void forward_head(const void* qkv, void* out, float* lse, const Shape& s, int64_t b, int64_t h,
                                  float* scratch) {
   const int64_t N = s.seq, np = s.np(), dp = s.dp();
-  float* q = scratch;            // N x dp, scaled
-  float* v = q + N * dp;         // N x dp
-  float* kt = v + N * dp;        // dp x np
-  float* p = kt + dp * np;       // N x np
-  float* o = p + N * np;         // N x dp
-  for (int64_t i = 0; i < N; ++i) {
-    load_row<D>(qkv, s, b, i, 0, h, s.scale, q + i * dp);
-    load_row<D>(qkv, s, b, i, 2, h, 1.0f, v + i * dp);
+  float* k = scratch;       // N x dp
+  float* v = k + N * dp;    // N x dp
+  float* o = v + N * dp;    // N x dp: unnormalised output
+  float* qt = o + N * dp;   // dp x np: (scale q)^T
+  float* pt = qt + dp * np;  // N x np: S^T, then exp(S^T - max)
+  float* mx = pt + N * np;  // np: per-query maximum
+  float* sum = mx + np;     // np: per-query sum
+  load_rows<D>(qkv, s, [&](int64_t i) { return qkv_row(s, b, i, 1, h); }, 1.0f, k);
+  load_rows<D>(qkv, s, [&](int64_t i) { return qkv_row(s, b, i, 2, h); }, 1.0f, v);
+  load_columns<D>(qkv, s, [&](int64_t i) { return qkv_row(s, b, i, 0, h); }, s.scale, qt);
+  gemm(k, dp, qt, np, pt, np, N, s.head_dim, np);
+  for (int64_t c = 0; c < np; ++c) {
+    mx[c] = -INFINITY;
+    sum[c] = 0.0f;
   }
-  load_transposed<D>(qkv, s, b, 1, h, kt);
-  scores(s, q, kt, p);
-  for (int64_t i = 0; i < N; ++i) {
-    float* row = p + i * np;
-    const float m = lane_max(row, N);
-    for (int64_t j = 0; j < N; ++j) row[j] = exp_nonpositive(row[j] - m);
-    const float sum = lane_sum(row, N);
-    const float inv = 1.0f / sum;
-    for (int64_t j = 0; j < N; ++j) row[j] *= inv;
-    lse[(b * s.heads + h) * N + i] = m + std::log(sum);
+  for (int64_t j = 0; j < N; ++j)
+    for (int64_t c = 0; c < np; ++c) mx[c] = mx[c] < pt[j * np + c] ? pt[j * np + c] : mx[c];
+  for (int64_t j = 0; j < N; ++j) {
+    float* row = pt + j * np;
+    for (int64_t c = 0; c < np; ++c) {
+      row[c] = exp_nonpositive(row[c] - mx[c]);
+      sum[c] += row[c];
+    }
   }
-  gemm(p, np, v, dp, o, dp, N, N, dp);
+  gemm<true>(pt, np, v, dp, o, dp, N, N, dp);  // o = P v = (P^T)^T v
+  float* row_lse = lse + (b * s.heads + h) * N;
   for (int64_t i = 0; i < N; ++i) {
-    const int64_t base = (b * N + i) * s.heads * s.head_dim + h * s.head_dim;
-    for (int64_t d = 0; d < s.head_dim; ++d) store_from_float<D>(out, base + d, o[i * dp + d]);
+    const float inv = 1.0f / sum[i];
+    const int64_t base = packed_row(s, b, i, h);
+    for (int64_t d = 0; d < s.head_dim; ++d) store_from_float<D>(out, base + d, o[i * dp + d] * inv);
+    row_lse[i] = mx[i] + std::log(sum[i]);
   }
 }
 
@@ -99,37 +107,43 @@ template <int D>
 MVF_CPU_CLONES void backward_head(const void* grad_out, const void* qkv, const void* out, const float* lse,
                                   void* dqkv, const Shape& s, int64_t b, int64_t h, float* scratch) {
   const int64_t N = s.seq, np = s.np(), dp = s.dp(), hd = s.heads * s.head_dim;
-  float* q = scratch;         // N x dp, scaled
-  float* k = q + N * dp;      // N x dp
-  float* go = k + N * dp;     // N x dp
-  float* t = go + N * dp;     // dp x np: k^T, then v^T
-  float* p = t + dp * np;     // N x np: probabilities
-  float* ds = p + N * np;     // N x np: dP, then dS
-  float* g = ds + N * np;     // N x dp: a gradient block
-  float* delta = g + N * dp;  // N
-  load_heads<D>(grad_out, s, b, h, go);
-  load_heads<D>(out, s, b, h, g);  // o, only needed for delta
-  for (int64_t i = 0; i < N; ++i) {
-    for (int64_t d = 0; d < dp; ++d) g[i * dp + d] *= go[i * dp + d];
-    delta[i] = lane_sum(g + i * dp, dp);
-    load_row<D>(qkv, s, b, i, 0, h, s.scale, q + i * dp);
-    load_row<D>(qkv, s, b, i, 1, h, 1.0f, k + i * dp);
-  }
-  load_transposed<D>(qkv, s, b, 1, h, t);
-  scores(s, q, t, p);
+  float* q = scratch;          // N x dp, scaled
+  float* k = q + N * dp;       // N x dp
+  float* v = k + N * dp;       // N x dp
+  float* go = v + N * dp;      // N x dp: dO
+  float* g = go + N * dp;      // N x dp: a gradient block
+  float* t = g + N * dp;       // dp x np: o^T, then (scale q)^T
+  float* got = t + dp * np;    // dp x np: dO^T
+  float* pt = got + dp * np;   // N x np: P^T
+  float* dst = pt + N * np;    // N x np: dP^T, then dS^T
+  float* delta = dst + N * np;  // np: rowsum(dO * o) per query
+  float* lsev = delta + np;    // np: lse per query
+  auto part = [&](int which) { return [&, which](int64_t i) { return qkv_row(s, b, i, which, h); }; };
+  auto packed = [&](int64_t i) { return packed_row(s, b, i, h); };
+  load_rows<D>(qkv, s, part(0), s.scale, q);
+  load_rows<D>(qkv, s, part(1), 1.0f, k);
+  load_rows<D>(qkv, s, part(2), 1.0f, v);
+  load_rows<D>(grad_out, s, packed, 1.0f, go);
+  load_columns<D>(grad_out, s, packed, 1.0f, got);
+  load_columns<D>(out, s, packed, 1.0f, t);
   const float* row_lse = lse + (b * s.heads + h) * N;
-  for (int64_t i = 0; i < N; ++i) {
-    float* row = p + i * np;
-    const float l = row_lse[i];
-    for (int64_t j = 0; j < N; ++j) row[j] = exp_nonpositive(std::min(row[j] - l, 0.0f));
+  for (int64_t c = 0; c < np; ++c) {
+    delta[c] = 0.0f;
+    lsev[c] = c < N ? row_lse[c] : 0.0f;
   }
-  load_transposed<D>(qkv, s, b, 2, h, t);
-  gemm(go, dp, t, np, ds, np, N, s.head_dim, np);  // dP = dO v^T
-  for (int64_t i = 0; i < N; ++i) {
-    float* row = ds + i * np;
-    const float* prow = p + i * np;
-    const float di = delta[i];
-    for (int64_t j = 0; j < N; ++j) row[j] = prow[j] * (row[j] - di);
+  for (int64_t d = 0; d < s.head_dim; ++d)
+    for (int64_t c = 0; c < np; ++c) delta[c] += got[d * np + c] * t[d * np + c];
+  load_columns<D>(qkv, s, part(0), s.scale, t);
+  gemm(k, dp, t, np, pt, np, N, s.head_dim, np);  // S^T
+  for (int64_t j = 0; j < N; ++j) {
+    float* row = pt + j * np;
+    for (int64_t c = 0; c < np; ++c) row[c] = exp_nonpositive(std::min(row[c] - lsev[c], 0.0f));
+  }
+  gemm(v, dp, got, np, dst, np, N, s.head_dim, np);  // dP^T = v dO^T
+  for (int64_t j = 0; j < N; ++j) {
+    float* row = dst + j * np;
+    const float* prow = pt + j * np;
+    for (int64_t c = 0; c < np; ++c) row[c] = prow[c] * (row[c] - delta[c]);
   }
   auto store = [&](const float* grad, int which, float mul) {
     for (int64_t i = 0; i < N; ++i) {
@@ -137,11 +151,11 @@ MVF_CPU_CLONES void backward_head(const void* grad_out, const void* qkv, const v
       for (int64_t d = 0; d < s.head_dim; ++d) store_from_float<D>(dqkv, base + d, grad[i * dp + d] * mul);
     }
   };
-  gemm(ds, np, k, dp, g, dp, N, N, dp);  // dq = scale dS k
+  gemm<true>(dst, np, k, dp, g, dp, N, N, dp);  // dq = scale dS k = scale (dS^T)^T k
   store(g, 0, s.scale);
-  gemm<true>(ds, np, q, dp, g, dp, N, N, dp);  // dk = dS^T (scale q)
+  gemm(dst, np, q, dp, g, dp, N, N, dp);  // dk = dS^T (scale q)
   store(g, 1, 1.0f);
-  gemm<true>(p, np, go, dp, g, dp, N, N, dp);  // dv = P^T dO
+  gemm(pt, np, go, dp, g, dp, N, N, dp);  // dv = P^T dO
   store(g, 2, 1.0f);
 }
 
@@ -150,7 +164,7 @@ int64_t head_flops(const Shape& s) { return std::max<int64_t>(1, s.seq * s.seq *
 // Each thread needs this many floats of scratch (the backward's, which is the larger).
 int64_t scratch_floats(const Shape& s) {
   const int64_t N = s.seq, np = s.np(), dp = s.dp();
-  return 4 * N * dp + dp * np + 2 * N * np + N;
+  return 5 * N * dp + 2 * dp * np + 2 * N * np + 2 * np;
 }
 
 template <class Fn>

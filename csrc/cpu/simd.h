@@ -113,64 +113,43 @@ MVF_INLINE float exp_nonpositive(float x) {
   return p * bits_to_float(scale);
 }
 
-// Max and sum of x[0, n) in kVec independent lanes, so they vectorise without -ffast-math.
-MVF_INLINE float lane_max(const float* x, int64_t n) {
-  float part[kVec];
-  for (int v = 0; v < kVec; ++v) part[v] = -INFINITY;
-  int64_t j = 0;
-  for (; j + kVec <= n; j += kVec)
-    for (int v = 0; v < kVec; ++v) part[v] = part[v] < x[j + v] ? x[j + v] : part[v];
-  float m = -INFINITY;
-  for (int v = 0; v < kVec; ++v) m = m < part[v] ? part[v] : m;
-  for (; j < n; ++j) m = m < x[j] ? x[j] : m;
-  return m;
-}
+// Sixteen floats as one value (GCC/Clang vector extensions): one zmm register in the AVX-512 clone,
+// two ymm in the AVX2 clone (12 accumulators + operands fit its 16 registers), four xmm in the
+// baseline clone (which spills; it only runs on CPUs older than AVX2).
+typedef float vec16 __attribute__((vector_size(64)));
 
-MVF_INLINE float lane_sum(const float* x, int64_t n) {
-  float part[kVec] = {};
-  int64_t j = 0;
-  for (; j + kVec <= n; j += kVec)
-    for (int v = 0; v < kVec; ++v) part[v] += x[j + v];
-  float sum = 0.0f;
-  for (int v = 0; v < kVec; ++v) sum += part[v];
-  for (; j < n; ++j) sum += x[j];
-  return sum;
-}
+// Always inlined, so no vec16 ever crosses a call boundary: GCC's note that passing one by value
+// changes the ABI between clones does not apply.
+#if defined(__GNUC__) && !defined(__clang__)
+#pragma GCC diagnostic ignored "-Wpsabi"
+#endif
 
-// Eight floats as one value: GCC/Clang vector extensions, lowered to one ymm register where the clone
-// has AVX2 and to two xmm registers otherwise.
-typedef float vec8 __attribute__((vector_size(32)));
-
-MVF_INLINE vec8 load8(const float* p) {
-  vec8 v;
+MVF_INLINE vec16 load16(const float* p) {
+  vec16 v;
   std::memcpy(&v, p, sizeof v);
   return v;
 }
 
-MVF_INLINE void store8(float* p, vec8 v) { std::memcpy(p, &v, sizeof v); }
+MVF_INLINE void store16(float* p, vec16 v) { std::memcpy(p, &v, sizeof v); }
 
 // C[MR x NC] = A[MR x K] * B[K x NC], row-major with leading dims; NC a multiple of kVec. Each
-// kVec-wide column block keeps 2 * MR accumulator vectors in registers over the whole K loop.
+// kVec-wide column block keeps MR accumulator vectors in registers over the whole K loop.
 // TRANS_A: A is stored transposed, (K x MR) with leading dim lda, so C = A^T B without a copy.
 template <int MR, bool TRANS_A>
 MVF_INLINE void gemm_rows(const float* __restrict A, int64_t lda, const float* __restrict B, int64_t ldb,
                           float* __restrict C, int64_t ldc, int64_t K, int64_t NC) {
   for (int64_t n0 = 0; n0 < NC; n0 += kVec) {
-    vec8 lo[MR], hi[MR];
-    for (int r = 0; r < MR; ++r) lo[r] = hi[r] = vec8{};
+    vec16 acc[MR];
+    for (int r = 0; r < MR; ++r) acc[r] = vec16{};
     const float* b = B + n0;
     for (int64_t k = 0; k < K; ++k, b += ldb) {
-      const vec8 b0 = load8(b), b1 = load8(b + 8);
+      const vec16 bv = load16(b);
       for (int r = 0; r < MR; ++r) {
         const float a = TRANS_A ? A[k * lda + r] : A[r * lda + k];
-        lo[r] += a * b0;
-        hi[r] += a * b1;
+        acc[r] += a * bv;
       }
     }
-    for (int r = 0; r < MR; ++r) {
-      store8(C + r * ldc + n0, lo[r]);
-      store8(C + r * ldc + n0 + 8, hi[r]);
-    }
+    for (int r = 0; r < MR; ++r) store16(C + r * ldc + n0, acc[r]);
   }
 }
 
