@@ -37,6 +37,15 @@ MVF_INLINE int64_t packed_row(const Shape& s, int64_t b, int64_t i, int64_t h) {
   return (b * s.seq + i) * s.heads * s.head_dim + h * s.head_dim;
 }
 
+// The same as row maps i -> start, for load_rows / load_columns.
+MVF_INLINE auto qkv_rows(const Shape& s, int64_t b, int which, int64_t h) {
+  return [&s, b, which, h](int64_t i) { return qkv_row(s, b, i, which, h); };
+}
+
+MVF_INLINE auto packed_rows(const Shape& s, int64_t b, int64_t h) {
+  return [&s, b, h](int64_t i) { return packed_row(s, b, i, h); };
+}
+
 // dst (N x dp), row i = the head_dim elements at src + row(i), times mul; zero padded columns.
 template <int D, class Row>
 MVF_INLINE void load_rows(const void* src, const Shape& s, const Row& row, float mul, float* dst) {
@@ -76,9 +85,9 @@ MVF_CPU_CLONES void forward_head(const void* qkv, void* out, float* lse, const S
   float* pt = qt + dp * np;  // N x np: S^T, then exp(S^T - max)
   float* mx = pt + N * np;  // np: per-query maximum
   float* sum = mx + np;     // np: per-query sum
-  load_rows<D>(qkv, s, [&](int64_t i) { return qkv_row(s, b, i, 1, h); }, 1.0f, k);
-  load_rows<D>(qkv, s, [&](int64_t i) { return qkv_row(s, b, i, 2, h); }, 1.0f, v);
-  load_columns<D>(qkv, s, [&](int64_t i) { return qkv_row(s, b, i, 0, h); }, s.scale, qt);
+  load_rows<D>(qkv, s, qkv_rows(s, b, 1, h), 1.0f, k);
+  load_rows<D>(qkv, s, qkv_rows(s, b, 2, h), 1.0f, v);
+  load_columns<D>(qkv, s, qkv_rows(s, b, 0, h), s.scale, qt);
   gemm(k, dp, qt, np, pt, np, N, s.head_dim, np);
   for (int64_t c = 0; c < np; ++c) {
     mx[c] = -INFINITY;
@@ -118,11 +127,10 @@ MVF_CPU_CLONES void backward_head(const void* grad_out, const void* qkv, const v
   float* dst = pt + N * np;    // N x np: dP^T, then dS^T
   float* delta = dst + N * np;  // np: rowsum(dO * o) per query
   float* lsev = delta + np;    // np: lse per query
-  auto part = [&](int which) { return [&, which](int64_t i) { return qkv_row(s, b, i, which, h); }; };
-  auto packed = [&](int64_t i) { return packed_row(s, b, i, h); };
-  load_rows<D>(qkv, s, part(0), s.scale, q);
-  load_rows<D>(qkv, s, part(1), 1.0f, k);
-  load_rows<D>(qkv, s, part(2), 1.0f, v);
+  const auto packed = packed_rows(s, b, h);
+  load_rows<D>(qkv, s, qkv_rows(s, b, 0, h), s.scale, q);
+  load_rows<D>(qkv, s, qkv_rows(s, b, 1, h), 1.0f, k);
+  load_rows<D>(qkv, s, qkv_rows(s, b, 2, h), 1.0f, v);
   load_rows<D>(grad_out, s, packed, 1.0f, go);
   load_columns<D>(grad_out, s, packed, 1.0f, got);
   load_columns<D>(out, s, packed, 1.0f, t);
@@ -133,7 +141,7 @@ MVF_CPU_CLONES void backward_head(const void* grad_out, const void* qkv, const v
   }
   for (int64_t d = 0; d < s.head_dim; ++d)
     for (int64_t c = 0; c < np; ++c) delta[c] += got[d * np + c] * t[d * np + c];
-  load_columns<D>(qkv, s, part(0), s.scale, t);
+  load_columns<D>(qkv, s, qkv_rows(s, b, 0, h), s.scale, t);
   gemm(k, dp, t, np, pt, np, N, s.head_dim, np);  // S^T
   for (int64_t j = 0; j < N; ++j) {
     float* row = pt + j * np;

@@ -118,20 +118,6 @@ MVF_INLINE float exp_nonpositive(float x) {
 // baseline clone (which spills; it only runs on CPUs older than AVX2).
 typedef float vec16 __attribute__((vector_size(64)));
 
-// Always inlined, so no vec16 ever crosses a call boundary: GCC's note that passing one by value
-// changes the ABI between clones does not apply.
-#if defined(__GNUC__) && !defined(__clang__)
-#pragma GCC diagnostic ignored "-Wpsabi"
-#endif
-
-MVF_INLINE vec16 load16(const float* p) {
-  vec16 v;
-  std::memcpy(&v, p, sizeof v);
-  return v;
-}
-
-MVF_INLINE void store16(float* p, vec16 v) { std::memcpy(p, &v, sizeof v); }
-
 // C[MR x NC] = A[MR x K] * B[K x NC], row-major with leading dims; NC a multiple of kVec. Each
 // kVec-wide column block keeps MR accumulator vectors in registers over the whole K loop.
 // TRANS_A: A is stored transposed, (K x MR) with leading dim lda, so C = A^T B without a copy.
@@ -143,13 +129,14 @@ MVF_INLINE void gemm_rows(const float* __restrict A, int64_t lda, const float* _
     for (int r = 0; r < MR; ++r) acc[r] = vec16{};
     const float* b = B + n0;
     for (int64_t k = 0; k < K; ++k, b += ldb) {
-      const vec16 bv = load16(b);
+      vec16 bv;  // loaded with memcpy: unaligned, and no vec16 crosses a call (no ABI note)
+      std::memcpy(&bv, b, sizeof bv);
       for (int r = 0; r < MR; ++r) {
         const float a = TRANS_A ? A[k * lda + r] : A[r * lda + k];
         acc[r] += a * bv;
       }
     }
-    for (int r = 0; r < MR; ++r) store16(C + r * ldc + n0, acc[r]);
+    for (int r = 0; r < MR; ++r) std::memcpy(C + r * ldc + n0, &acc[r], sizeof acc[r]);
   }
 }
 
