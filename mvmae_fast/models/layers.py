@@ -34,7 +34,11 @@ class Attention(nn.Module):
         self.proj = nn.Linear(dim, dim)
 
     def forward(self, x):
-        return self.proj(ops.attention(self.qkv(x), self.num_heads))
+        return self.attend(self.qkv(x))
+
+    def attend(self, qkv):
+        """The layer after its qkv projection: proj(attention(qkv))."""
+        return self.proj(ops.attention(qkv, self.num_heads))
 
 
 class Mlp(nn.Module):
@@ -44,7 +48,14 @@ class Mlp(nn.Module):
         self.act = nn.GELU()
         self.fc2 = nn.Linear(hidden, dim)
 
+    def fusable(self):
+        """Whether ops.mlp computes this layer: fc1 and fc2 with biases around the exact GELU."""
+        return (type(self.act) is nn.GELU and self.act.approximate == "none" and self.fc1.bias is not None
+                and self.fc2.bias is not None)
+
     def forward(self, x):
+        if self.fusable():
+            return ops.mlp(x, self.fc1.weight, self.fc1.bias, self.fc2.weight, self.fc2.bias)
         return self.fc2(self.act(self.fc1(x)))
 
 
@@ -59,8 +70,26 @@ class Block(nn.Module):
         self.mlp = Mlp(dim, int(dim * mlp_ratio))
 
     def forward(self, x):
-        x = x + self.attn(self.norm1(x))
-        return x + self.mlp(self.norm2(x))
+        # Each half as fused ops when its modules are the stock ones (the ops fuse LayerNorm into the
+        # next linear, and the MLP with its residual, on the CPU in float32; elsewhere they are the
+        # plain modules' computation); otherwise the modules themselves.
+        norm, attn = self.norm1, self.attn
+        if _plain_layer_norm(norm) and type(attn) is Attention and attn.qkv.bias is not None:
+            x = x + attn.attend(ops.prenorm_linear(x, norm.weight, norm.bias, norm.eps, attn.qkv.weight,
+                                                   attn.qkv.bias))
+        else:
+            x = x + attn(norm(x))
+        norm, mlp = self.norm2, self.mlp
+        if _plain_layer_norm(norm) and type(mlp) is Mlp and mlp.fusable():
+            return ops.prenorm_mlp(x, norm.weight, norm.bias, norm.eps, mlp.fc1.weight, mlp.fc1.bias,
+                                   mlp.fc2.weight, mlp.fc2.bias)
+        return x + mlp(norm(x))
+
+
+def _plain_layer_norm(norm):
+    """An nn.LayerNorm over the last dim with weight and bias: what the fused ops compute."""
+    return (type(norm) is nn.LayerNorm and norm.weight is not None and norm.bias is not None
+            and len(norm.normalized_shape) == 1)
 
 
 class Projector(nn.Module):

@@ -6,6 +6,7 @@ from .info_nce import info_nce, info_nce_rows
 from .masking import MaskingResult, masking_from_noise, random_masking
 from .masking.block import block_masking
 from .masking.reference import invert_permutation
+from .mlp import mlp, prenorm_linear, prenorm_mlp
 from .patch_embed import embed_visible_patches, gather_table_rows, gather_visible_patches
 from .recon_loss import masked_recon_loss, masked_recon_loss_rows, patchify, unpatchify
 from .rows import gather_rows, scatter_rows
@@ -26,7 +27,10 @@ __all__ = [
     "masked_recon_loss",
     "masked_recon_loss_rows",
     "masking_from_noise",
+    "mlp",
     "patchify",
+    "prenorm_linear",
+    "prenorm_mlp",
     "random_masking",
     "scatter_rows",
     "unpatchify",

@@ -158,6 +158,7 @@ def _setup_context(ctx, inputs, output):
     qkv, num_heads, backend = inputs
     out, lse = output
     ctx.mark_non_differentiable(lse)
+    ctx.set_materialize_grads(False)  # no zero-filled gradient for it in the backward
     ctx.save_for_backward(qkv, out, lse)
     ctx.num_heads = num_heads
     ctx.backend = backend

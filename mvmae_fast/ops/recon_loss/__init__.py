@@ -43,6 +43,8 @@ def unpatchify(x, patch_size, channels=3, height=None):
 
 
 def patch_targets(imgs, patch_size, norm_pix_loss):
+    """MAE's targets: the patchified image, each patch normalised (minus its mean, over sqrt(unbiased
+    variance + 1e-6)) with norm_pix_loss, exactly as the official code writes it."""
     target = patchify(imgs, patch_size)
     if norm_pix_loss:
         mean = target.mean(dim=-1, keepdim=True)
@@ -95,10 +97,21 @@ def _loss_dtype(pred, imgs):
 
 
 def _recon_rows_torch(pred, imgs, ids_removed, patch_size, norm_pix_loss):
-    """The view losses (V,) in plain PyTorch: patchify everything, gather the removed rows."""
+    """The view losses (V,) in plain PyTorch: patchify, gather the removed rows, normalise those (the
+    normalisation is per patch, so only the removed patches need it)."""
     V, B = imgs.shape[:2]
-    target = patch_targets(imgs.reshape(V * B, *imgs.shape[2:]), patch_size, norm_pix_loss)
+    target = patchify(imgs.reshape(V * B, *imgs.shape[2:]), patch_size)
     target = torch.gather(target, 1, ids_removed.long().unsqueeze(-1).expand(-1, -1, target.shape[2]))
+    if norm_pix_loss and target.dtype in (torch.float32, torch.float64):
+        # patch_targets' normalisation with the variance as a plain sum: torch's CPU var over a short
+        # last dim is several times slower than these element-wise passes. (Half precision keeps
+        # torch.var, which accumulates in float32.)
+        centred = target - target.mean(dim=-1, keepdim=True)
+        var = (centred * centred).sum(dim=-1, keepdim=True) / (target.shape[-1] - 1)
+        target = centred / (var + 1.0e-6) ** 0.5
+    elif norm_pix_loss:
+        mean = target.mean(dim=-1, keepdim=True)
+        target = (target - mean) / (target.var(dim=-1, keepdim=True) + 1.0e-6) ** 0.5
     per_patch = ((pred - target) ** 2).mean(dim=-1).to(_loss_dtype(pred, imgs))
     return per_patch.reshape(V, -1).mean(dim=1)
 

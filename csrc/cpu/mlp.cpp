@@ -1,0 +1,612 @@
+// The transformer MLP, fc2(gelu(fc1(x))) with the exact (erf) GELU, fused on the CPU in float32.
+//
+// x (M, D), w1 (Hd, D), b1 (Hd), w2 (D, Hd), b2 (D), pre (M, Hd) = fc1(x) (saved for backward), out
+// (M, D); all contiguous. Unfused, the hidden tensor goes through memory five or six times per step
+// (fc1's output, the bias pass, GELU's input and output, GELU's backward and fc2's weight gradient).
+// Here each thread takes a contiguous range of rows and works through it in chunks of kChunk rows
+// whose hidden activations stay in a per-thread buffer in L2:
+//   forward   H = x_c W1^T + b1 -> pre (written once), H = gelu(H), out_c = H W2^T + b2
+//   backward  G = dY_c W2; A = gelu(pre_c), G *= gelu'(pre_c) (one exp serves both); dW2 += dY_c^T A,
+//             db2 += colsum dY_c, dW1 += G^T x_c, db1 += colsum G (per-thread accumulators, summed at
+//             the end); dx_c = G W1
+// The products are register-blocked micro-GEMMs (MR rows x 16*NV columns of accumulators) on weights
+// packed once per call into column panels. The AVX-512 build uses 12 x 32 tiles (24 zmm accumulators),
+// AVX2 and older 4 x 16 ones; the variant is picked once at load time from the CPU's features.
+#include <algorithm>
+#include <cmath>
+#include <cstring>
+#include <vector>
+
+#include "../ops.h"
+#include "parallel.h"
+#include "simd.h"
+
+namespace mvmae_fast {
+namespace {
+
+constexpr int64_t kChunk = 96;  // rows per chunk (a multiple of every MR below)
+
+// GELU(x) = x * Phi(x) and GELU'(x) = Phi(x) + x * phi(x), Phi from Abramowitz & Stegun 7.1.26 (erf to
+// 1.5e-7, the approximation PyTorch's vectorised GELU uses) written as 0.5 * erfc(|z|) so the left
+// tail keeps its relative accuracy; the exp(-x^2 / 2) it needs is phi's too.
+MVF_INLINE void gelu_and_grad(float x, float& value, float& grad) {
+  const float z = x * 0.70710678118654752f;
+  const float t = 1.0f / (1.0f + 0.3275911f * std::fabs(z));
+  const float e = exp_nonpositive(-z * z);
+  const float poly = ((((1.061405429f * t - 1.453152027f) * t + 1.421413741f) * t - 0.284496736f) * t +
+                      0.254829592f) * t;
+  const float half_erfc = 0.5f * poly * e;
+  const float cdf = z < 0.0f ? half_erfc : 1.0f - half_erfc;
+  value = x * cdf;
+  grad = cdf + x * e * 0.39894228040143268f;
+}
+
+// The first `count` floats at p, zeros after.
+MVF_INLINE vec16 load_lanes(const float* p, int64_t count) {
+  vec16 v{};
+  std::memcpy(&v, p, static_cast<size_t>(count) * sizeof(float));
+  return v;
+}
+
+enum Epilogue { kStore, kStoreBias, kAccumulate };
+
+template <int NV>
+struct Tiles {
+  static constexpr int64_t NR = 16 * NV;  // panel width
+  static int64_t pad(int64_t n) { return (n + NR - 1) / NR * NR; }
+
+  // acc = op(A)[MR x K] B[K x NR]: A row-major (lda) or, TRANS_A, stored K x MR (lda); B's rows are
+  // NR floats at stride ldb. Then the epilogue: columns [c0, c0 + NR) of C's MR rows, clipped to n;
+  // kStoreBias adds bias (padded to a multiple of NR), a non-null res adds its rows (laid out as C's),
+  // kAccumulate adds C's current values (C padded).
+  template <int MR, bool TRANS_A, Epilogue E>
+  MVF_INLINE static void tile(const float* __restrict A, int64_t lda, const float* __restrict B, int64_t ldb,
+                              int64_t K, float* __restrict C, int64_t ldc, int64_t c0, int64_t n,
+                              const float* __restrict bias, const float* __restrict res) {
+    vec16 acc[MR][NV];
+    for (int r = 0; r < MR; ++r)
+      for (int v = 0; v < NV; ++v) acc[r][v] = vec16{};
+    for (int64_t k = 0; k < K; ++k) {
+      vec16 b[NV];
+      for (int v = 0; v < NV; ++v) std::memcpy(&b[v], B + k * ldb + 16 * v, sizeof(vec16));
+      for (int r = 0; r < MR; ++r) {
+        const float a = TRANS_A ? A[k * lda + r] : A[r * lda + k];
+        for (int v = 0; v < NV; ++v) acc[r][v] += a * b[v];
+      }
+    }
+    for (int v = 0; v < NV; ++v) {
+      const int64_t col = c0 + 16 * v;
+      if (col >= n) break;
+      const int64_t count = std::min<int64_t>(16, n - col);
+      vec16 add{};
+      if (E == kStoreBias) std::memcpy(&add, bias + col, sizeof add);
+      for (int r = 0; r < MR; ++r) {
+        float* dst = C + r * ldc + col;
+        vec16 value = acc[r][v] + add;
+        if (res) value += load_lanes(res + r * ldc + col, count);
+        if (E == kAccumulate) {
+          vec16 old;
+          std::memcpy(&old, dst, sizeof old);
+          value += old;
+        }
+        if (count == 16) std::memcpy(dst, &value, sizeof value);
+        else std::memcpy(dst, &value, static_cast<size_t>(count) * sizeof(float));
+      }
+    }
+  }
+
+  // C[M x n] (per the epilogue) = op(A)[M x K] B[K x n], B as panels: panel p starts at
+  // B + p * panel_stride with rows ldb apart (packed: panel_stride K * NR, ldb NR; a padded row-major
+  // matrix: panel_stride NR, ldb its row length). Panel-outer, so a panel stays in L1 across the rows.
+  template <int MR, bool TRANS_A, Epilogue E>
+  MVF_INLINE static void gemm(const float* A, int64_t lda, const float* B, int64_t panel_stride, int64_t ldb,
+                              float* C, int64_t ldc, int64_t M, int64_t n, int64_t K, const float* bias,
+                              const float* res) {
+    const int64_t row_step = TRANS_A ? 1 : lda;
+    for (int64_t c0 = 0, p = 0; c0 < n; c0 += NR, ++p) {
+      const float* Bp = B + p * panel_stride;
+      int64_t m = 0;
+      for (; m + MR <= M; m += MR) tile<MR, TRANS_A, E>(A + m * row_step, lda, Bp, ldb, K, C + m * ldc, ldc, c0, n, bias, res ? res + m * ldc : nullptr);
+      // The remaining rows (fewer than MR) as 8 + 4 + 2 + 1.
+      if constexpr (MR > 8) if (M - m >= 8) {
+        tile<8, TRANS_A, E>(A + m * row_step, lda, Bp, ldb, K, C + m * ldc, ldc, c0, n, bias, res ? res + m * ldc : nullptr);
+        m += 8;
+      }
+      if constexpr (MR > 4) if (M - m >= 4) {
+        tile<4, TRANS_A, E>(A + m * row_step, lda, Bp, ldb, K, C + m * ldc, ldc, c0, n, bias, res ? res + m * ldc : nullptr);
+        m += 4;
+      }
+      if constexpr (MR > 2) if (M - m >= 2) {
+        tile<2, TRANS_A, E>(A + m * row_step, lda, Bp, ldb, K, C + m * ldc, ldc, c0, n, bias, res ? res + m * ldc : nullptr);
+        m += 2;
+      }
+      if (M - m >= 1) tile<1, TRANS_A, E>(A + m * row_step, lda, Bp, ldb, K, C + m * ldc, ldc, c0, n, bias, res ? res + m * ldc : nullptr);
+    }
+  }
+
+  // Panels [p0, p1) of B (K x N), B(k, j) = S[k * sk + j * sn]: Bp[p][k][0..NR), zero past column N.
+  static void pack(const float* S, int64_t sk, int64_t sn, int64_t K, int64_t N, float* Bp, int64_t p0, int64_t p1) {
+    for (int64_t p = p0; p < p1; ++p) {
+      float* dst = Bp + p * K * NR;
+      const int64_t j0 = p * NR, width = std::min<int64_t>(NR, N - j0);
+      for (int64_t k = 0; k < K; ++k) {
+        for (int64_t j = 0; j < width; ++j) dst[k * NR + j] = S[k * sk + (j0 + j) * sn];
+        for (int64_t j = width; j < NR; ++j) dst[k * NR + j] = 0.0f;
+      }
+    }
+  }
+};
+
+// Everything a range of rows needs; pointers into the caller's tensors and the shared workspace.
+struct MlpArgs {
+  int64_t rows, dim, hidden;
+  const float* x;
+  const float *gamma, *beta;  // the LayerNorm in front (null: none)
+  float eps;
+  bool residual;              // out = x + mlp(...)
+  const float *b1, *b2;       // padded copies (forward)
+  const float *w1_t, *w2_t;   // packed W1^T (D x Hd) and W2^T (Hd x D) (forward)
+  const float *w2, *w1;       // packed W2 (D x Hd) and W1 (Hd x D) (backward)
+  const float* grad_out;
+  float *pre, *out, *dx;
+  float *mean, *rstd;         // per row, with the norm: written by the forward, read by the backward
+};
+
+MVF_INLINE float hsum(const vec16& v) {
+  float lanes[16];
+  std::memcpy(lanes, &v, sizeof lanes);
+  float s = 0.0f;
+  for (int i = 0; i < 16; ++i) s += lanes[i];
+  return s;
+}
+
+// sum_d f(d) over d < n for a vectorisable f(float* dst16, d0) evaluated 16 lanes at a time (tail
+// lanes zero); float sums do not auto-vectorise without reassociation, hence the explicit vectors.
+template <class Fn>
+MVF_INLINE float vector_sum(int64_t n, const Fn& lanes_at) {
+  vec16 acc{};
+  int64_t d = 0;
+  for (; d + 16 <= n; d += 16) acc += lanes_at(d, 16);
+  if (d < n) acc += lanes_at(d, n - d);
+  return hsum(acc);
+}
+
+// LayerNorm statistics of one row, as torch computes them: mean and 1 / sqrt(biased var + eps).
+MVF_INLINE void row_stats(const float* x, int64_t n, float eps, float& mean, float& rstd) {
+  mean = vector_sum(n, [&](int64_t d, int64_t c) { return load_lanes(x + d, c); }) / static_cast<float>(n);
+  const float m = mean;
+  const float var = vector_sum(n, [&](int64_t d, int64_t c) {
+    float dev[16] = {};  // lanes past the row stay 0, not -mean
+    for (int64_t i = 0; i < c; ++i) dev[i] = x[d + i] - m;
+    vec16 v;
+    std::memcpy(&v, dev, sizeof v);
+    return v * v;
+  }) / static_cast<float>(n);
+  rstd = 1.0f / std::sqrt(var + eps);
+}
+
+// dst = (x - mean) * rstd * gamma + beta over a row of n, zero from n to the padded width np.
+MVF_INLINE void norm_row(const float* x, int64_t n, int64_t np, const float* gamma, const float* beta, float mean,
+                         float rstd, float* dst) {
+  for (int64_t d = 0; d < n; ++d) dst[d] = (x[d] - mean) * rstd * gamma[d] + beta[d];
+  for (int64_t d = n; d < np; ++d) dst[d] = 0.0f;
+}
+
+// LayerNorm's backward for one row, from dxn (the gradient of the normalised row): with
+// xhat = (x - mean) rstd and g = dxn gamma, dx = rstd (g - mean(g) - xhat mean(g xhat)) (+ res);
+// dgamma += dxn xhat, dbeta += dxn.
+MVF_INLINE void norm_backward_row(const float* x, const float* dxn, int64_t D, float mean, float rstd,
+                                  const float* gamma, const float* res, float* dx, float* dgamma, float* dbeta) {
+  const float sum_g = vector_sum(D, [&](int64_t d, int64_t n) { return load_lanes(dxn + d, n) * load_lanes(gamma + d, n); });
+  const float sum_gx = vector_sum(D, [&](int64_t d, int64_t n) {
+    const vec16 xhat = (load_lanes(x + d, n) - mean) * rstd;
+    return load_lanes(dxn + d, n) * load_lanes(gamma + d, n) * xhat;
+  });
+  const float c1 = sum_gx / static_cast<float>(D), c2 = sum_g / static_cast<float>(D);
+  for (int64_t d = 0; d < D; ++d) {
+    const float xhat = (x[d] - mean) * rstd;
+    float v = rstd * (dxn[d] * gamma[d] - c2 - xhat * c1);
+    if (res) v += res[d];
+    dx[d] = v;
+    dgamma[d] += dxn[d] * xhat;
+    dbeta[d] += dxn[d];
+  }
+}
+
+// fc1's input rows for a chunk into dst (R x np, zero padded): LayerNorm(x) when the args have a
+// norm (the forward computes and stores the statistics, the backward reads them), else x.
+MVF_INLINE void input_rows(const MlpArgs& a, int64_t c, int64_t R, int64_t np, bool compute_stats, float* dst) {
+  const int64_t D = a.dim;
+  for (int64_t r = 0; r < R; ++r) {
+    const float* xr = a.x + (c + r) * D;
+    float* out = dst + r * np;
+    if (!a.gamma) {
+      for (int64_t d = 0; d < D; ++d) out[d] = xr[d];
+      for (int64_t d = D; d < np; ++d) out[d] = 0.0f;
+      continue;
+    }
+    if (compute_stats) row_stats(xr, D, a.eps, a.mean[c + r], a.rstd[c + r]);
+    norm_row(xr, D, np, a.gamma, a.beta, a.mean[c + r], a.rstd[c + r], out);
+  }
+}
+
+template <int MR, int NV>
+MVF_INLINE void forward_rows(const MlpArgs& a, int64_t r0, int64_t r1, float* slot) {
+  using T = Tiles<NV>;
+  const int64_t D = a.dim, Hd = a.hidden, hp = T::pad(Hd), dp = T::pad(D);
+  float* h = slot;                // kChunk x hp
+  float* xn = h + kChunk * hp;    // kChunk x dp: the normalised rows
+  for (int64_t c = r0; c < r1; c += kChunk) {
+    const int64_t R = std::min(kChunk, r1 - c);
+    const float* in = a.x + c * D;
+    int64_t ld = D;
+    if (a.gamma) {
+      input_rows(a, c, R, dp, true, xn);
+      in = xn;
+      ld = dp;
+    }
+    T::template gemm<MR, false, kStoreBias>(in, ld, a.w1_t, D * T::NR, T::NR, h, hp, R, Hd, D, a.b1, nullptr);
+    for (int64_t r = 0; r < R; ++r) {
+      float* hr = h + r * hp;
+      float* pr = a.pre + (c + r) * Hd;
+      for (int64_t j = 0; j < Hd; ++j) {
+        const float p = hr[j];
+        float value, grad;
+        gelu_and_grad(p, value, grad);
+        pr[j] = p;
+        hr[j] = value;
+      }
+    }
+    T::template gemm<MR, false, kStoreBias>(h, hp, a.w2_t, Hd * T::NR, T::NR, a.out + c * D, D, R, D, Hd, a.b2,
+                                            a.residual ? a.x + c * D : nullptr);
+  }
+}
+
+template <int NV>
+int64_t forward_scratch(int64_t D, int64_t Hd) {
+  return kChunk * (Tiles<NV>::pad(Hd) + Tiles<NV>::pad(D));
+}
+
+// Per slot: G and A (kChunk x hp), x_c and dxn (kChunk x dp), dW1 (Hd x dp), dW2 (D x hp), then the
+// vector accumulators db1 (hp), db2, dgamma, dbeta (dp each), and the same four for one chunk.
+template <int NV>
+int64_t backward_scratch(int64_t D, int64_t Hd) {
+  const int64_t hp = Tiles<NV>::pad(Hd), dp = Tiles<NV>::pad(D);
+  return 2 * kChunk * hp + 2 * kChunk * dp + Hd * dp + D * hp + 2 * (hp + 3 * dp);
+}
+
+template <int MR, int NV>
+MVF_INLINE void backward_rows(const MlpArgs& a, int64_t r0, int64_t r1, float* slot) {
+  using T = Tiles<NV>;
+  const int64_t D = a.dim, Hd = a.hidden, hp = T::pad(Hd), dp = T::pad(D);
+  float* g = slot;                    // kChunk x hp: dAct, then dPre
+  float* act = g + kChunk * hp;       // kChunk x hp: gelu(pre)
+  float* xc = act + kChunk * hp;      // kChunk x dp: fc1's input rows (normalised), padded
+  float* dxn = xc + kChunk * dp;      // kChunk x dp: the gradient of the normalised rows
+  float* dw1 = dxn + kChunk * dp;     // Hd x dp
+  float* dw2 = dw1 + Hd * dp;         // D x hp
+  float* db1 = dw2 + D * hp;          // hp
+  float* db2 = db1 + hp;              // dp
+  float* dgamma = db2 + dp;           // dp
+  float* dbeta = dgamma + dp;         // dp
+  // The vector gradients are summed per chunk, then added up chunk by chunk (as the weight gradients
+  // are): one running sum over all of a thread's rows would lose ~sqrt(rows) ulps.
+  float* chunk_sums = dbeta + dp;     // db1, db2, dgamma, dbeta of the current chunk
+  const int64_t vectors = hp + 3 * dp;
+  std::fill(dw1, chunk_sums, 0.0f);
+  for (int64_t c = r0; c < r1; c += kChunk) {
+    const int64_t R = std::min(kChunk, r1 - c);
+    std::fill(chunk_sums, chunk_sums + vectors, 0.0f);
+    float* cb1 = chunk_sums;
+    float* cb2 = cb1 + hp;
+    float* cgamma = cb2 + dp;
+    float* cbeta = cgamma + dp;
+    const float* dy = a.grad_out + c * D;
+    T::template gemm<MR, false, kStore>(dy, D, a.w2, D * T::NR, T::NR, g, hp, R, hp, D, nullptr, nullptr);
+    for (int64_t r = 0; r < R; ++r) {
+      float* gr = g + r * hp;
+      float* ar = act + r * hp;
+      const float* pr = a.pre + (c + r) * Hd;
+      for (int64_t j = 0; j < Hd; ++j) {
+        float value, grad;
+        gelu_and_grad(pr[j], value, grad);
+        ar[j] = value;
+        gr[j] *= grad;
+      }
+      for (int64_t j = Hd; j < hp; ++j) ar[j] = gr[j] = 0.0f;
+      for (int64_t j = 0; j < hp; ++j) cb1[j] += gr[j];
+      const float* dyr = dy + r * D;
+      for (int64_t d = 0; d < D; ++d) cb2[d] += dyr[d];
+    }
+    input_rows(a, c, R, dp, false, xc);
+    T::template gemm<MR, true, kAccumulate>(dy, D, act, T::NR, hp, dw2, hp, D, hp, R, nullptr, nullptr);  // dY^T A
+    T::template gemm<MR, true, kAccumulate>(g, hp, xc, T::NR, dp, dw1, dp, Hd, dp, R, nullptr, nullptr);  // G^T x
+    if (!a.gamma) {  // dx = G W1 (+ dY)
+      T::template gemm<MR, false, kStore>(g, hp, a.w1, Hd * T::NR, T::NR, a.dx + c * D, D, R, D, Hd, nullptr,
+                                          a.residual ? dy : nullptr);
+      for (int64_t i = 0; i < vectors; ++i) db1[i] += chunk_sums[i];  // db1..dbeta are contiguous
+      continue;
+    }
+    T::template gemm<MR, false, kStore>(g, hp, a.w1, Hd * T::NR, T::NR, dxn, dp, R, D, Hd, nullptr, nullptr);
+    for (int64_t r = 0; r < R; ++r)
+      norm_backward_row(a.x + (c + r) * D, dxn + r * dp, D, a.mean[c + r], a.rstd[c + r], a.gamma,
+                        a.residual ? dy + r * D : nullptr, a.dx + (c + r) * D, cgamma, cbeta);
+    for (int64_t i = 0; i < vectors; ++i) db1[i] += chunk_sums[i];
+  }
+}
+
+// LayerNorm then one Linear (a pre-norm block's qkv projection): out = LN(x) W^T + b, W (Hd x D) and
+// b in the args' fc1 slots. Same chunking; the backward recomputes the normalised rows.
+template <int MR, int NV>
+MVF_INLINE void linear_forward_rows(const MlpArgs& a, int64_t r0, int64_t r1, float* slot) {
+  using T = Tiles<NV>;
+  const int64_t D = a.dim, Hd = a.hidden, dp = T::pad(D);
+  for (int64_t c = r0; c < r1; c += kChunk) {
+    const int64_t R = std::min(kChunk, r1 - c);
+    input_rows(a, c, R, dp, true, slot);
+    T::template gemm<MR, false, kStoreBias>(slot, dp, a.w1_t, D * T::NR, T::NR, a.out + c * Hd, Hd, R, Hd, D, a.b1,
+                                            nullptr);
+  }
+}
+
+template <int NV>
+int64_t linear_forward_scratch(int64_t D, int64_t) {
+  return kChunk * Tiles<NV>::pad(D);
+}
+
+// Per slot: x_c and dxn (kChunk x dp), dW (Hd x dp), then db (hp), dgamma, dbeta (dp), and the same
+// three for one chunk.
+template <int NV>
+int64_t linear_backward_scratch(int64_t D, int64_t Hd) {
+  const int64_t hp = Tiles<NV>::pad(Hd), dp = Tiles<NV>::pad(D);
+  return 2 * kChunk * dp + Hd * dp + 2 * (hp + 2 * dp);
+}
+
+template <int MR, int NV>
+MVF_INLINE void linear_backward_rows(const MlpArgs& a, int64_t r0, int64_t r1, float* slot) {
+  using T = Tiles<NV>;
+  const int64_t D = a.dim, Hd = a.hidden, hp = T::pad(Hd), dp = T::pad(D);
+  float* xc = slot;                  // kChunk x dp
+  float* dxn = xc + kChunk * dp;     // kChunk x dp
+  float* dw = dxn + kChunk * dp;     // Hd x dp
+  float* db = dw + Hd * dp;          // hp, then dgamma, dbeta (dp each)
+  float* chunk_sums = db + hp + 2 * dp;
+  const int64_t vectors = hp + 2 * dp;
+  std::fill(dw, chunk_sums, 0.0f);
+  for (int64_t c = r0; c < r1; c += kChunk) {
+    const int64_t R = std::min(kChunk, r1 - c);
+    std::fill(chunk_sums, chunk_sums + vectors, 0.0f);
+    float* cgamma = chunk_sums + hp;
+    float* cbeta = cgamma + dp;
+    const float* dy = a.grad_out + c * Hd;
+    for (int64_t r = 0; r < R; ++r)
+      for (int64_t j = 0; j < Hd; ++j) chunk_sums[j] += dy[r * Hd + j];
+    input_rows(a, c, R, dp, false, xc);
+    T::template gemm<MR, true, kAccumulate>(dy, Hd, xc, T::NR, dp, dw, dp, Hd, dp, R, nullptr, nullptr);  // dY^T xn
+    T::template gemm<MR, false, kStore>(dy, Hd, a.w1, Hd * T::NR, T::NR, dxn, dp, R, D, Hd, nullptr, nullptr);
+    for (int64_t r = 0; r < R; ++r)
+      norm_backward_row(a.x + (c + r) * D, dxn + r * dp, D, a.mean[c + r], a.rstd[c + r], a.gamma, nullptr,
+                        a.dx + (c + r) * D, cgamma, cbeta);
+    for (int64_t i = 0; i < vectors; ++i) db[i] += chunk_sums[i];
+  }
+}
+
+// One instantiation per instruction set, chosen at load time (see the file comment).
+struct Variant {
+  int nv;
+  void (*forward)(const MlpArgs&, int64_t, int64_t, float*);
+  void (*backward)(const MlpArgs&, int64_t, int64_t, float*);
+  void (*linear_forward)(const MlpArgs&, int64_t, int64_t, float*);
+  void (*linear_backward)(const MlpArgs&, int64_t, int64_t, float*);
+  void (*pack)(const float*, int64_t, int64_t, int64_t, int64_t, float*, int64_t, int64_t);
+};
+
+#if defined(__GNUC__) && defined(__x86_64__) && !defined(__clang__) && defined(__linux__)
+#define MVF_MLP_DISPATCH 1
+#endif
+#define MVF_VARIANT(NAME, TARGET, MR, NV)                                                                  \
+  TARGET void NAME##_forward(const MlpArgs& a, int64_t r0, int64_t r1, float* s) { forward_rows<MR, NV>(a, r0, r1, s); } \
+  TARGET void NAME##_backward(const MlpArgs& a, int64_t r0, int64_t r1, float* s) { backward_rows<MR, NV>(a, r0, r1, s); } \
+  TARGET void NAME##_linear_forward(const MlpArgs& a, int64_t r0, int64_t r1, float* s) {                  \
+    linear_forward_rows<MR, NV>(a, r0, r1, s);                                                             \
+  }                                                                                                        \
+  TARGET void NAME##_linear_backward(const MlpArgs& a, int64_t r0, int64_t r1, float* s) {                 \
+    linear_backward_rows<MR, NV>(a, r0, r1, s);                                                            \
+  }                                                                                                        \
+  TARGET void NAME##_pack(const float* S, int64_t sk, int64_t sn, int64_t K, int64_t N, float* Bp, int64_t p0, int64_t p1) { \
+    Tiles<NV>::pack(S, sk, sn, K, N, Bp, p0, p1);                                                          \
+  }
+#ifdef MVF_MLP_DISPATCH
+MVF_VARIANT(avx512, __attribute__((target("arch=x86-64-v4"))), 12, 2)
+MVF_VARIANT(avx2, __attribute__((target("arch=x86-64-v3"))), 4, 1)
+#endif
+MVF_VARIANT(generic, , 4, 1)
+
+const Variant& variant() {
+  static const Variant chosen = [] {
+#ifdef MVF_MLP_DISPATCH
+    __builtin_cpu_init();
+    if (__builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512vl") &&
+        __builtin_cpu_supports("avx512bw") && __builtin_cpu_supports("avx512dq") && __builtin_cpu_supports("fma"))
+      return Variant{2, avx512_forward, avx512_backward, avx512_linear_forward, avx512_linear_backward, avx512_pack};
+    if (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma"))
+      return Variant{1, avx2_forward, avx2_backward, avx2_linear_forward, avx2_linear_backward, avx2_pack};
+#endif
+    return Variant{1, generic_forward, generic_backward, generic_linear_forward, generic_linear_backward, generic_pack};
+  }();
+  return chosen;
+}
+
+int64_t panel_width() { return 16 * variant().nv; }
+int64_t padded(int64_t n) { return (n + panel_width() - 1) / panel_width() * panel_width(); }
+
+// A per-calling-thread workspace that only grows, so steady-state training allocates (and page-faults)
+// nothing here.
+float* workspace(int64_t floats) {
+  thread_local std::vector<float> buffer;
+  if (static_cast<int64_t>(buffer.size()) < floats) {
+    buffer.clear();
+    buffer.shrink_to_fit();
+    buffer.resize(static_cast<size_t>(floats));
+  }
+  return buffer.data();
+}
+
+// Packs B (K x N), B(k, j) = S[k * sk + j * sn], into panels at dst, in parallel over panels.
+void pack_parallel(const float* S, int64_t sk, int64_t sn, int64_t K, int64_t N, float* dst, int threads) {
+  const int64_t panels = padded(N) / panel_width();
+  const auto pack = variant().pack;
+  parallel_for(panels, std::max<int64_t>(1, 16384 / std::max<int64_t>(1, K * panel_width())), threads,
+               [&](int64_t p0, int64_t p1) { pack(S, sk, sn, K, N, dst, p0, p1); });
+}
+
+// Rows split into `slots` contiguous ranges, one per thread (each a multiple of kChunk but the last).
+int64_t row_slots(int64_t rows, int threads) {
+  const int64_t chunks = (rows + kChunk - 1) / kChunk;
+  return std::max<int64_t>(1, std::min<int64_t>(threads, chunks));
+}
+
+template <class Fn>
+void for_each_slot(int64_t rows, int64_t slots, int threads, const Fn& fn) {
+  const int64_t chunks = (rows + kChunk - 1) / kChunk;
+  parallel_for(slots, 1, threads, [&](int64_t s0, int64_t s1) {
+    for (int64_t s = s0; s < s1; ++s) {
+      const int64_t c0 = chunks * s / slots, c1 = chunks * (s + 1) / slots;
+      fn(s, c0 * kChunk, std::min(rows, c1 * kChunk));
+    }
+  });
+}
+
+// dst (rows x width, contiguous) = the sum over slots of the (rows x ld) matrix at `offset` in each
+// slot's scratch, in slot order (deterministic for a thread count); parallel over rows.
+void sum_slots(const float* scratch, int64_t slots, int64_t per_slot, int64_t offset, int64_t rows, int64_t width,
+               int64_t ld, float* dst, int threads) {
+  parallel_for(rows, 64, threads, [&](int64_t i0, int64_t i1) {
+    for (int64_t i = i0; i < i1; ++i) {
+      const float* src = scratch + offset + i * ld;
+      float* out = dst + i * width;
+      std::copy(src, src + width, out);
+      for (int64_t s = 1; s < slots; ++s)
+        for (int64_t j = 0; j < width; ++j) out[j] += src[s * per_slot + j];
+    }
+  });
+}
+
+}  // namespace
+
+int64_t mlp_backward_workspace_bytes(int64_t dim, int64_t hidden, int threads, int64_t rows) {
+  const int64_t hp = padded(hidden), dp = padded(dim);
+  const int64_t per_slot = variant().nv == 2 ? backward_scratch<2>(dim, hidden) : backward_scratch<1>(dim, hidden);
+  return static_cast<int64_t>(sizeof(float)) * (2 * hp * dp + row_slots(rows, threads) * per_slot);
+}
+
+void mlp_forward_cpu(const float* x, const float* w1, const float* b1, const float* w2, const float* b2,
+                     const float* norm_weight, const float* norm_bias, float eps, bool residual, float* pre,
+                     float* out, float* mean, float* rstd, int64_t rows, int64_t dim, int64_t hidden, int threads) {
+  const int64_t D = dim, Hd = hidden, hp = padded(Hd), dp = padded(D);
+  const int64_t slots = row_slots(rows, threads);
+  const int64_t per_slot = variant().nv == 2 ? forward_scratch<2>(D, Hd) : forward_scratch<1>(D, Hd);
+  float* ws = workspace(2 * hp * dp + hp + dp + slots * per_slot);
+  float* w1_t = ws;             // W1^T: K = D, N = Hd
+  float* w2_t = w1_t + hp * D;  // W2^T: K = Hd, N = D
+  float* bias1 = w2_t + dp * Hd;
+  float* bias2 = bias1 + hp;
+  float* scratch = bias2 + dp;
+  pack_parallel(w1, 1, D, D, Hd, w1_t, threads);
+  pack_parallel(w2, 1, Hd, Hd, D, w2_t, threads);
+  std::copy(b1, b1 + Hd, bias1);
+  std::fill(bias1 + Hd, bias1 + hp, 0.0f);
+  std::copy(b2, b2 + D, bias2);
+  std::fill(bias2 + D, bias2 + dp, 0.0f);
+  MlpArgs a{};
+  a.rows = rows, a.dim = D, a.hidden = Hd, a.x = x, a.pre = pre, a.out = out;
+  a.gamma = norm_weight, a.beta = norm_bias, a.eps = eps, a.residual = residual, a.mean = mean, a.rstd = rstd;
+  a.w1_t = w1_t, a.w2_t = w2_t, a.b1 = bias1, a.b2 = bias2;
+  const auto forward = variant().forward;
+  for_each_slot(rows, slots, threads, [&](int64_t s, int64_t r0, int64_t r1) {
+    forward(a, r0, r1, scratch + s * per_slot);
+  });
+}
+
+void mlp_backward_cpu(const float* grad_out, const float* x, const float* pre, const float* mean, const float* rstd,
+                      const float* norm_weight, const float* norm_bias, bool residual, const float* w1,
+                      const float* w2, float* dx, float* dw1, float* db1, float* dw2, float* db2, float* dnorm_weight,
+                      float* dnorm_bias, int64_t rows, int64_t dim, int64_t hidden, int threads) {
+  const int64_t D = dim, Hd = hidden, hp = padded(Hd), dp = padded(D);
+  const int64_t slots = row_slots(rows, threads);
+  const int64_t per_slot = variant().nv == 2 ? backward_scratch<2>(D, Hd) : backward_scratch<1>(D, Hd);
+  float* ws = workspace(2 * hp * dp + slots * per_slot);
+  float* w2p = ws;             // W2: K = D, N = Hd
+  float* w1p = w2p + dp * hp;  // W1: K = Hd, N = D
+  float* scratch = w1p + hp * dp;
+  pack_parallel(w2, Hd, 1, D, Hd, w2p, threads);
+  pack_parallel(w1, D, 1, Hd, D, w1p, threads);
+  MlpArgs a{};
+  a.rows = rows, a.dim = D, a.hidden = Hd, a.x = x, a.pre = const_cast<float*>(pre), a.grad_out = grad_out;
+  a.gamma = norm_weight, a.beta = norm_bias, a.residual = residual;
+  a.mean = const_cast<float*>(mean), a.rstd = const_cast<float*>(rstd);
+  a.w2 = w2p, a.w1 = w1p, a.dx = dx;
+  const auto backward = variant().backward;
+  for_each_slot(rows, slots, threads, [&](int64_t s, int64_t r0, int64_t r1) {
+    backward(a, r0, r1, scratch + s * per_slot);
+  });
+  // Sum the slots' accumulators into the outputs.
+  const int64_t dw1_at = 2 * kChunk * hp + 2 * kChunk * dp, dw2_at = dw1_at + Hd * dp, vectors_at = dw2_at + D * hp;
+  sum_slots(scratch, slots, per_slot, dw1_at, Hd, D, dp, dw1, threads);
+  sum_slots(scratch, slots, per_slot, dw2_at, D, Hd, hp, dw2, threads);
+  sum_slots(scratch, slots, per_slot, vectors_at, 1, Hd, hp, db1, threads);
+  sum_slots(scratch, slots, per_slot, vectors_at + hp, 1, D, dp, db2, threads);
+  if (norm_weight) {
+    sum_slots(scratch, slots, per_slot, vectors_at + hp + dp, 1, D, dp, dnorm_weight, threads);
+    sum_slots(scratch, slots, per_slot, vectors_at + hp + 2 * dp, 1, D, dp, dnorm_bias, threads);
+  }
+}
+
+void norm_linear_forward_cpu(const float* x, const float* norm_weight, const float* norm_bias, float eps,
+                             const float* w, const float* b, float* out, float* mean, float* rstd, int64_t rows,
+                             int64_t dim, int64_t out_dim, int threads) {
+  const int64_t D = dim, Hd = out_dim, hp = padded(Hd);
+  const int64_t slots = row_slots(rows, threads);
+  const int64_t per_slot = variant().nv == 2 ? linear_forward_scratch<2>(D, Hd) : linear_forward_scratch<1>(D, Hd);
+  float* ws = workspace(hp * D + hp + slots * per_slot);
+  float* w_t = ws;  // W^T: K = D, N = Hd
+  float* bias = w_t + hp * D;
+  float* scratch = bias + hp;
+  pack_parallel(w, 1, D, D, Hd, w_t, threads);
+  std::copy(b, b + Hd, bias);
+  std::fill(bias + Hd, bias + hp, 0.0f);
+  MlpArgs a{};
+  a.rows = rows, a.dim = D, a.hidden = Hd, a.x = x, a.out = out;
+  a.gamma = norm_weight, a.beta = norm_bias, a.eps = eps, a.mean = mean, a.rstd = rstd, a.w1_t = w_t, a.b1 = bias;
+  const auto forward = variant().linear_forward;
+  for_each_slot(rows, slots, threads, [&](int64_t s, int64_t r0, int64_t r1) {
+    forward(a, r0, r1, scratch + s * per_slot);
+  });
+}
+
+void norm_linear_backward_cpu(const float* grad_out, const float* x, const float* mean, const float* rstd,
+                              const float* norm_weight, const float* norm_bias, const float* w, float* dx,
+                              float* dnorm_weight, float* dnorm_bias, float* dw, float* db, int64_t rows, int64_t dim,
+                              int64_t out_dim, int threads) {
+  const int64_t D = dim, Hd = out_dim, hp = padded(Hd), dp = padded(D);
+  const int64_t slots = row_slots(rows, threads);
+  const int64_t per_slot = variant().nv == 2 ? linear_backward_scratch<2>(D, Hd) : linear_backward_scratch<1>(D, Hd);
+  float* ws = workspace(hp * dp + slots * per_slot);
+  float* wp = ws;  // W: K = Hd, N = D
+  float* scratch = wp + hp * dp;
+  pack_parallel(w, D, 1, Hd, D, wp, threads);
+  MlpArgs a{};
+  a.rows = rows, a.dim = D, a.hidden = Hd, a.x = x, a.grad_out = grad_out, a.dx = dx, a.w1 = wp;
+  a.gamma = norm_weight, a.beta = norm_bias, a.mean = const_cast<float*>(mean), a.rstd = const_cast<float*>(rstd);
+  const auto backward = variant().linear_backward;
+  for_each_slot(rows, slots, threads, [&](int64_t s, int64_t r0, int64_t r1) {
+    backward(a, r0, r1, scratch + s * per_slot);
+  });
+  const int64_t dw_at = 2 * kChunk * dp, vectors_at = dw_at + Hd * dp;
+  sum_slots(scratch, slots, per_slot, dw_at, Hd, D, dp, dw, threads);
+  sum_slots(scratch, slots, per_slot, vectors_at, 1, Hd, hp, db, threads);
+  sum_slots(scratch, slots, per_slot, vectors_at + hp, 1, D, dp, dnorm_weight, threads);
+  sum_slots(scratch, slots, per_slot, vectors_at + hp + dp, 1, D, dp, dnorm_bias, threads);
+}
+
+}  // namespace mvmae_fast

@@ -1,0 +1,475 @@
+"""``mlp``: the transformer MLP ``fc2(gelu(fc1(x)))`` with the exact (erf) GELU, fused on the CPU.
+
+x (..., D), fc1's weight (Hd, D) and bias (Hd), fc2's weight (D, Hd) and bias (D) -> (..., D).
+
+Backends: ``torch`` is two ``F.linear`` calls around ``F.gelu`` (the reference, plain autograd);
+``cpp`` is the extension's float32 CPU kernel (csrc/cpu/mlp.cpp): each thread works through its rows
+in chunks whose hidden activations stay in its L2 cache, so the (..., Hd) hidden tensor is written once
+(fc1's output, saved for the backward) instead of passing through memory five or six times per step,
+and the weight gradients accumulate per thread. It is reached through the custom ops
+``mvmae_fast::mlp`` (x2d, w1, b1, w2, b2) -> (out, pre) and ``mvmae_fast::mlp_backward`` (grad_out,
+x2d, pre, w1, w2) -> (dx, dw1, db1, dw2, db2), so ``torch.compile`` traces through them.
+
+Automatic choice: ``cpp`` for float32 CPU tensors outside CPU autocast (under autocast the linears
+run in bfloat16 on the CPU's AMX / AVX512-BF16 units, which no float32 kernel matches) when the
+backward's scratch stays under :data:`MAX_CPP_WORKSPACE_BYTES`; ``torch`` otherwise (and on CUDA,
+where cuBLAS and inductor's fusions serve). A forced ``cpp`` backend runs whenever the kernel can
+(float32 CPU tensors, autocast or not) and raises :class:`~mvmae_fast.UnsupportedBackendError`
+saying why when it cannot.
+"""
+
+import torch
+
+from ... import _ext, backends
+from ..._utils import check_tensor, new_output
+from . import reference
+
+IMPLEMENTED = ("torch", "cpp")
+_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+# The backward keeps, per thread, fp32 accumulators for both weight gradients plus the chunk's
+# buffers (reused across calls): about 4 * (2 * D * Hd + 300 * Hd) bytes per thread.
+MAX_CPP_WORKSPACE_BYTES = 256 << 20
+
+
+def _check(x, w1, b1, w2, b2):
+    if not isinstance(x, torch.Tensor):
+        raise TypeError(f"x must be a torch.Tensor, got {type(x).__name__}")
+    if x.dim() < 1:
+        raise ValueError("x must have at least one dimension (..., D)")
+    check_tensor("w1", w1, 2, _DTYPES, "(Hd, D)")
+    hidden, dim = w1.shape
+    check_tensor("b1", b1, 1, _DTYPES, "(Hd,)")
+    check_tensor("w2", w2, 2, _DTYPES, "(D, Hd)")
+    check_tensor("b2", b2, 1, _DTYPES, "(D,)")
+    if x.dtype not in _DTYPES:
+        raise TypeError(f"x must be a floating-point tensor, got {x.dtype}")
+    if hidden == 0 or dim == 0:
+        raise ValueError(f"w1 has an empty dimension (shape {tuple(w1.shape)})")
+    if x.shape[-1] != dim:
+        raise ValueError(f"x's last dimension must be D = {dim} (w1 has shape {tuple(w1.shape)}), "
+                         f"got shape {tuple(x.shape)}")
+    for name, t, want in (("b1", b1, (hidden,)), ("w2", w2, (dim, hidden)), ("b2", b2, (dim,))):
+        if tuple(t.shape) != want:
+            raise ValueError(f"{name} must have shape {want} to match w1 of shape {tuple(w1.shape)}, "
+                             f"got {tuple(t.shape)}")
+    for name, t in (("w1", w1), ("b1", b1), ("w2", w2), ("b2", b2)):
+        if t.device != x.device:
+            raise ValueError(f"{name} is on {t.device} but x is on {x.device}")
+
+
+def _kernel_refusals(x, *others):
+    """Why the cpp kernel cannot take these tensors at all (empty when it can)."""
+    if x.device.type == "cpu" and all(t.dtype == torch.float32 for t in (x, *others)):
+        return []  # the common case, without building messages
+    reasons = []
+    if x.device.type != "cpu":
+        reasons.append(f"the cpp MLP kernel is CPU-only, got {x.device} tensors")
+    dtypes = {str(t.dtype).replace("torch.", "") for t in (x, *others)}
+    if dtypes != {"float32"}:
+        reasons.append(f"the kernel takes float32 only, got {', '.join(sorted(dtypes))}")
+    return reasons
+
+
+def workspace_bytes(dim, hidden, threads, rows):
+    """An upper bound on the scratch the cpp backward keeps (csrc/cpu/mlp.cpp's
+    mlp_backward_workspace_bytes, with AVX-512's 32-wide panels); plain arithmetic, so
+    ``torch.compile`` folds it instead of breaking the graph on a call into the extension."""
+    chunk = 96
+    hp, dp = -(-hidden // 32) * 32, -(-dim // 32) * 32
+    slots = max(1, min(threads, -(-rows // chunk)))
+    per_slot = 2 * chunk * hp + 2 * chunk * dp + hidden * dp + dim * hp + 2 * (hp + 3 * dp)
+    return 4 * (2 * hp * dp + slots * per_slot)
+
+
+def _automatic_refusals(x, w1):
+    """Why the automatic choice passes over a cpp kernel that could run (a forced cpp still runs)."""
+    if torch.is_autocast_enabled("cpu"):
+        return ["CPU autocast is on (its bfloat16 linears are faster than the float32 kernel)"]
+    hidden, dim = w1.shape
+    need = workspace_bytes(dim, hidden, torch.get_num_threads(), x.numel() // dim)
+    if need > MAX_CPP_WORKSPACE_BYTES:
+        return [f"its backward would keep {need / 2**20:.0f} MiB of scratch"]
+    return []
+
+
+def _raise_if_refused(x, *others):
+    reasons = _kernel_refusals(x, *others)
+    if reasons:
+        raise backends.UnsupportedBackendError(
+            f"mlp: backend 'cpp' cannot run x of shape {tuple(x.shape)}: {'; '.join(reasons)}. Use backend='torch'.")
+
+
+def _check_2d(x, w1, b1, w2, b2, op="mlp"):
+    """The forward op's inputs: _check's, with x as (M, D), and what the kernel takes."""
+    _check(x, w1, b1, w2, b2)
+    if x.dim() != 2:
+        raise ValueError(f"mvmae_fast::{op} takes x as (M, D), got shape {tuple(x.shape)}")
+    _raise_if_refused(x, w1, b1, w2, b2)
+
+
+def _check_backward(grad_out, x, pre, w1, w2, op="mlp_backward"):
+    check_tensor("w1", w1, 2, _DTYPES, "(Hd, D)")
+    check_tensor("w2", w2, 2, _DTYPES, "(D, Hd)")
+    hidden, dim = w1.shape
+    check_tensor("x", x, 2, _DTYPES, "(M, D)")
+    rows = x.shape[0]
+    for name, t, want in (("grad_out", grad_out, (rows, dim)), ("x", x, (rows, dim)), ("pre", pre, (rows, hidden)),
+                          ("w2", w2, (dim, hidden))):
+        check_tensor(name, t, 2, _DTYPES, str(want))
+        if tuple(t.shape) != want:
+            raise ValueError(f"{op}: {name} must have shape {want} (x {tuple(x.shape)}, w1 "
+                             f"{tuple(w1.shape)}), got {tuple(t.shape)}")
+    for name, t in (("grad_out", grad_out), ("pre", pre), ("w1", w1), ("w2", w2)):
+        if t.device != x.device:
+            raise ValueError(f"{name} is on {t.device} but x is on {x.device}")
+    _raise_if_refused(x, grad_out, pre, w1, w2)
+
+
+def _contiguous(*tensors):
+    return [t.contiguous() for t in tensors]
+
+
+@torch.library.custom_op("mvmae_fast::mlp", mutates_args=())
+def _mlp_op(x: torch.Tensor, w1: torch.Tensor, b1: torch.Tensor, w2: torch.Tensor,
+            b2: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    _check_2d(x, w1, b1, w2, b2)
+    x, w1, b1, w2, b2 = _contiguous(x, w1, b1, w2, b2)
+    rows, dim = x.shape
+    hidden = w1.shape[0]
+    out = new_output((rows, dim), x.dtype, x.device)
+    pre = new_output((rows, hidden), x.dtype, x.device)
+    _ext._C.mlp_forward_cpu(x.data_ptr(), w1.data_ptr(), b1.data_ptr(), w2.data_ptr(), b2.data_ptr(), 0, 0, 0.0, False,
+                            pre.data_ptr(), out.data_ptr(), 0, 0, rows, dim, hidden, torch.get_num_threads())
+    return out, pre
+
+
+@_mlp_op.register_fake
+def _(x, w1, b1, w2, b2):
+    _check(x, w1, b1, w2, b2)
+    return x.new_empty(x.shape[0], x.shape[1]), x.new_empty(x.shape[0], w1.shape[0])
+
+
+@torch.library.custom_op("mvmae_fast::mlp_backward", mutates_args=())
+def _mlp_backward_op(grad_out: torch.Tensor, x: torch.Tensor, pre: torch.Tensor, w1: torch.Tensor,
+                     w2: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    _check_backward(grad_out, x, pre, w1, w2)
+    grad_out, x, pre, w1, w2 = _contiguous(grad_out, x, pre, w1, w2)
+    rows, dim = x.shape
+    hidden = w1.shape[0]
+    dx = new_output((rows, dim), x.dtype, x.device)
+    dw1 = new_output((hidden, dim), x.dtype, x.device)
+    db1 = new_output((hidden,), x.dtype, x.device)
+    dw2 = new_output((dim, hidden), x.dtype, x.device)
+    db2 = new_output((dim,), x.dtype, x.device)
+    _ext._C.mlp_backward_cpu(grad_out.data_ptr(), x.data_ptr(), pre.data_ptr(), 0, 0, 0, 0, False, w1.data_ptr(),
+                             w2.data_ptr(), dx.data_ptr(), dw1.data_ptr(), db1.data_ptr(), dw2.data_ptr(), db2.data_ptr(),
+                             0, 0, rows, dim, hidden, torch.get_num_threads())
+    return dx, dw1, db1, dw2, db2
+
+
+@_mlp_backward_op.register_fake
+def _(grad_out, x, pre, w1, w2):
+    _check_backward(grad_out, x, pre, w1, w2)
+    hidden, dim = w1.shape
+    return (x.new_empty(x.shape), x.new_empty(hidden, dim), x.new_empty(hidden), x.new_empty(dim, hidden),
+            x.new_empty(dim))
+
+
+def _setup_context(ctx, inputs, output):
+    x, w1, b1, w2, b2 = inputs
+    ctx.mark_non_differentiable(output[1])
+    ctx.set_materialize_grads(False)  # no zero-filled gradient for it in the backward
+    ctx.save_for_backward(x, output[1], w1, w2)
+
+
+def _backward(ctx, grad_out, grad_pre):
+    if grad_out is None:  # out unused: nothing flows back
+        return None, None, None, None, None
+    x, pre, w1, w2 = ctx.saved_tensors
+    return _mlp_backward_op(grad_out, x, pre, w1, w2)
+
+
+_mlp_op.register_autograd(_backward, setup_context=_setup_context)
+
+
+def mlp(x, w1, b1, w2, b2, *, backend=None):
+    """``F.linear(F.gelu(F.linear(x, w1, b1)), w2, b2)``: x (..., D) -> (..., D), differentiable in
+    every input. ``backend``: ``"torch"`` or ``"cpp"`` (CPU, float32); default: cpp when it can take
+    the inputs, torch otherwise (see the module docstring and :mod:`mvmae_fast.backends`)."""
+    _check(x, w1, b1, w2, b2)
+    name = backends.select_backend("mlp", x.device, backend or "", IMPLEMENTED)
+    if name == "cpp":
+        if backend or backends.requested_backend()[0] is not None:
+            _raise_if_refused(x, w1, b1, w2, b2)
+        elif _kernel_refusals(x, w1, b1, w2, b2) or _automatic_refusals(x, w1):
+            name = "torch"
+    if name == "torch":
+        return reference.mlp(x, w1, b1, w2, b2)
+    out = _mlp_op(x.reshape(-1, x.shape[-1]), w1, b1, w2, b2)[0]
+    return out.view(x.shape)
+
+
+# --------------------------------------------------------------------------- #
+# prenorm_mlp: the pre-norm block's second half, x + mlp(layer_norm(x))
+# --------------------------------------------------------------------------- #
+def _check_norm(x, norm_weight, norm_bias, eps):
+    dim = x.shape[-1]
+    for name, t in (("norm_weight", norm_weight), ("norm_bias", norm_bias)):
+        check_tensor(name, t, 1, _DTYPES, "(D,)")
+        if t.shape[0] != dim:
+            raise ValueError(f"{name} must have shape ({dim},) to match x of shape {tuple(x.shape)}, "
+                             f"got {tuple(t.shape)}")
+        if t.device != x.device:
+            raise ValueError(f"{name} is on {t.device} but x is on {x.device}")
+    if isinstance(eps, bool) or not isinstance(eps, (int, float)) or not eps >= 0:
+        raise ValueError(f"eps must be a number >= 0, got {eps!r}")
+
+
+@torch.library.custom_op("mvmae_fast::prenorm_mlp", mutates_args=())
+def _prenorm_op(x: torch.Tensor, norm_weight: torch.Tensor, norm_bias: torch.Tensor, eps: float, w1: torch.Tensor,
+                b1: torch.Tensor, w2: torch.Tensor,
+                b2: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    _check_2d(x, w1, b1, w2, b2, op="prenorm_mlp")
+    _check_norm(x, norm_weight, norm_bias, eps)
+    _raise_if_refused(x, norm_weight, norm_bias)
+    x, norm_weight, norm_bias, w1, b1, w2, b2 = _contiguous(x, norm_weight, norm_bias, w1, b1, w2, b2)
+    rows, dim = x.shape
+    hidden = w1.shape[0]
+    out = new_output((rows, dim), x.dtype, x.device)
+    pre = new_output((rows, hidden), x.dtype, x.device)
+    mean = new_output((rows,), x.dtype, x.device)
+    rstd = new_output((rows,), x.dtype, x.device)
+    _ext._C.mlp_forward_cpu(x.data_ptr(), w1.data_ptr(), b1.data_ptr(), w2.data_ptr(), b2.data_ptr(),
+                            norm_weight.data_ptr(), norm_bias.data_ptr(), float(eps), True, pre.data_ptr(),
+                            out.data_ptr(), mean.data_ptr(), rstd.data_ptr(), rows, dim, hidden, torch.get_num_threads())
+    return out, pre, mean, rstd
+
+
+@_prenorm_op.register_fake
+def _(x, norm_weight, norm_bias, eps, w1, b1, w2, b2):
+    _check(x, w1, b1, w2, b2)
+    _check_norm(x, norm_weight, norm_bias, eps)
+    rows = x.shape[0]
+    return x.new_empty(x.shape), x.new_empty(rows, w1.shape[0]), x.new_empty(rows), x.new_empty(rows)
+
+
+@torch.library.custom_op("mvmae_fast::prenorm_mlp_backward", mutates_args=())
+def _prenorm_backward_op(grad_out: torch.Tensor, x: torch.Tensor, pre: torch.Tensor, mean: torch.Tensor,
+                         rstd: torch.Tensor, norm_weight: torch.Tensor, norm_bias: torch.Tensor, w1: torch.Tensor,
+                         w2: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor,
+                                                    torch.Tensor, torch.Tensor, torch.Tensor]:
+    _check_prenorm_backward(grad_out, x, pre, mean, rstd, norm_weight, norm_bias, w1, w2)
+    grad_out, x, pre, mean, rstd, norm_weight, norm_bias, w1, w2 = _contiguous(
+        grad_out, x, pre, mean, rstd, norm_weight, norm_bias, w1, w2)
+    rows, dim = x.shape
+    hidden = w1.shape[0]
+    grads = [new_output(shape, x.dtype, x.device)
+             for shape in ((rows, dim), (dim,), (dim,), (hidden, dim), (hidden,), (dim, hidden), (dim,))]
+    dx, dnw, dnb, dw1, db1, dw2, db2 = grads
+    _ext._C.mlp_backward_cpu(grad_out.data_ptr(), x.data_ptr(), pre.data_ptr(), mean.data_ptr(), rstd.data_ptr(),
+                             norm_weight.data_ptr(), norm_bias.data_ptr(), True, w1.data_ptr(), w2.data_ptr(),
+                             dx.data_ptr(), dw1.data_ptr(), db1.data_ptr(), dw2.data_ptr(), db2.data_ptr(),
+                             dnw.data_ptr(), dnb.data_ptr(), rows, dim, hidden, torch.get_num_threads())
+    return dx, dnw, dnb, dw1, db1, dw2, db2
+
+
+def _check_prenorm_backward(grad_out, x, pre, mean, rstd, norm_weight, norm_bias, w1, w2):
+    _check_backward(grad_out, x, pre, w1, w2, op="prenorm_mlp_backward")
+    _check_norm(x, norm_weight, norm_bias, 0.0)
+    for name, t in (("mean", mean), ("rstd", rstd)):
+        check_tensor(name, t, 1, _DTYPES, "(M,)")
+        if t.shape[0] != x.shape[0]:
+            raise ValueError(f"prenorm_mlp_backward: {name} must have shape ({x.shape[0]},), got {tuple(t.shape)}")
+    _raise_if_refused(x, mean, rstd, norm_weight, norm_bias)
+
+
+@_prenorm_backward_op.register_fake
+def _(grad_out, x, pre, mean, rstd, norm_weight, norm_bias, w1, w2):
+    _check_prenorm_backward(grad_out, x, pre, mean, rstd, norm_weight, norm_bias, w1, w2)
+    hidden, dim = w1.shape
+    return (x.new_empty(x.shape), x.new_empty(dim), x.new_empty(dim), x.new_empty(hidden, dim), x.new_empty(hidden),
+            x.new_empty(dim, hidden), x.new_empty(dim))
+
+
+def _prenorm_setup_context(ctx, inputs, output):
+    x, norm_weight, norm_bias, eps, w1, b1, w2, b2 = inputs
+    _, pre, mean, rstd = output
+    ctx.mark_non_differentiable(pre, mean, rstd)
+    ctx.set_materialize_grads(False)
+    ctx.save_for_backward(x, pre, mean, rstd, norm_weight, norm_bias, w1, w2)
+
+
+def _prenorm_backward(ctx, grad_out, grad_pre, grad_mean, grad_rstd):
+    if grad_out is None:
+        return (None,) * 8
+    x, pre, mean, rstd, norm_weight, norm_bias, w1, w2 = ctx.saved_tensors
+    dx, dnw, dnb, dw1, db1, dw2, db2 = _prenorm_backward_op(grad_out, x, pre, mean, rstd, norm_weight, norm_bias,
+                                                            w1, w2)
+    return dx, dnw, dnb, None, dw1, db1, dw2, db2
+
+
+_prenorm_op.register_autograd(_prenorm_backward, setup_context=_prenorm_setup_context)
+
+
+def prenorm_mlp(x, norm_weight, norm_bias, eps, w1, b1, w2, b2, *, backend=None):
+    """``x + mlp(F.layer_norm(x, (D,), norm_weight, norm_bias, eps), w1, b1, w2, b2)``: the second half
+    of a pre-norm transformer block, x (..., D) -> (..., D), differentiable in every tensor. The cpp
+    backend normalises each chunk of rows in cache, keeps only the rows' mean and 1/std for the
+    backward (not the normalised tensor), adds the residual in fc2's epilogue and returns dx with the
+    residual's gradient already added. Backends and their choice as :func:`mlp`'s."""
+    _check(x, w1, b1, w2, b2)
+    _check_norm(x, norm_weight, norm_bias, eps)
+    name = backends.select_backend("mlp", x.device, backend or "", IMPLEMENTED)
+    if name == "cpp":
+        tensors = (x, norm_weight, norm_bias, w1, b1, w2, b2)
+        if backend or backends.requested_backend()[0] is not None:
+            _raise_if_refused(*tensors)
+        elif _kernel_refusals(*tensors) or _automatic_refusals(x, w1):
+            name = "torch"
+    if name == "torch":
+        return x + reference.mlp(torch.nn.functional.layer_norm(x, (x.shape[-1],), norm_weight, norm_bias, eps),
+                                 w1, b1, w2, b2)
+    out = _prenorm_op(x.reshape(-1, x.shape[-1]), norm_weight, norm_bias, eps, w1, b1, w2, b2)[0]
+    return out.view(x.shape)
+
+
+# --------------------------------------------------------------------------- #
+# prenorm_linear: LayerNorm then one Linear (a pre-norm block's qkv projection)
+# --------------------------------------------------------------------------- #
+def _check_linear(x, w, b):
+    if not isinstance(x, torch.Tensor):
+        raise TypeError(f"x must be a torch.Tensor, got {type(x).__name__}")
+    if x.dim() < 1 or x.dtype not in _DTYPES:
+        raise ValueError(f"x must be a floating-point (..., D) tensor, got {x.dtype} of shape {tuple(x.shape)}")
+    check_tensor("w", w, 2, _DTYPES, "(out_features, D)")
+    check_tensor("b", b, 1, _DTYPES, "(out_features,)")
+    if w.numel() == 0:
+        raise ValueError(f"w has an empty dimension (shape {tuple(w.shape)})")
+    if x.shape[-1] != w.shape[1]:
+        raise ValueError(f"x's last dimension must be D = {w.shape[1]} (w has shape {tuple(w.shape)}), "
+                         f"got shape {tuple(x.shape)}")
+    if tuple(b.shape) != (w.shape[0],):
+        raise ValueError(f"b must have shape ({w.shape[0]},) to match w of shape {tuple(w.shape)}, got {tuple(b.shape)}")
+    for name, t in (("w", w), ("b", b)):
+        if t.device != x.device:
+            raise ValueError(f"{name} is on {t.device} but x is on {x.device}")
+
+
+def linear_workspace_bytes(dim, out_dim, threads, rows):
+    """An upper bound on the scratch prenorm_linear's cpp backward keeps (as :func:`workspace_bytes`)."""
+    chunk = 96
+    hp, dp = -(-out_dim // 32) * 32, -(-dim // 32) * 32
+    slots = max(1, min(threads, -(-rows // chunk)))
+    return 4 * (hp * dp + slots * (2 * chunk * dp + out_dim * dp + 2 * (hp + 2 * dp)))
+
+
+@torch.library.custom_op("mvmae_fast::prenorm_linear", mutates_args=())
+def _prenorm_linear_op(x: torch.Tensor, norm_weight: torch.Tensor, norm_bias: torch.Tensor, eps: float,
+                       w: torch.Tensor, b: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    _check_linear(x, w, b)
+    if x.dim() != 2:
+        raise ValueError(f"mvmae_fast::prenorm_linear takes x as (M, D), got shape {tuple(x.shape)}")
+    _check_norm(x, norm_weight, norm_bias, eps)
+    _raise_if_refused(x, norm_weight, norm_bias, w, b)
+    x, norm_weight, norm_bias, w, b = _contiguous(x, norm_weight, norm_bias, w, b)
+    rows, dim = x.shape
+    out_dim = w.shape[0]
+    out = new_output((rows, out_dim), x.dtype, x.device)
+    mean = new_output((rows,), x.dtype, x.device)
+    rstd = new_output((rows,), x.dtype, x.device)
+    _ext._C.norm_linear_forward_cpu(x.data_ptr(), norm_weight.data_ptr(), norm_bias.data_ptr(), float(eps), w.data_ptr(),
+                                    b.data_ptr(), out.data_ptr(), mean.data_ptr(), rstd.data_ptr(), rows, dim, out_dim,
+                                    torch.get_num_threads())
+    return out, mean, rstd
+
+
+@_prenorm_linear_op.register_fake
+def _(x, norm_weight, norm_bias, eps, w, b):
+    _check_linear(x, w, b)
+    _check_norm(x, norm_weight, norm_bias, eps)
+    rows = x.shape[0]
+    return x.new_empty(rows, w.shape[0]), x.new_empty(rows), x.new_empty(rows)
+
+
+def _check_prenorm_linear_backward(grad_out, x, mean, rstd, norm_weight, norm_bias, w):
+    _check_linear(x, w, w.new_empty(w.shape[0]))
+    check_tensor("x", x, 2, _DTYPES, "(M, D)")
+    rows = x.shape[0]
+    check_tensor("grad_out", grad_out, 2, _DTYPES, "(M, out_features)")
+    if tuple(grad_out.shape) != (rows, w.shape[0]):
+        raise ValueError(f"prenorm_linear_backward: grad_out must have shape {(rows, w.shape[0])}, "
+                         f"got {tuple(grad_out.shape)}")
+    _check_norm(x, norm_weight, norm_bias, 0.0)
+    for name, t in (("mean", mean), ("rstd", rstd)):
+        check_tensor(name, t, 1, _DTYPES, "(M,)")
+        if t.shape[0] != rows:
+            raise ValueError(f"prenorm_linear_backward: {name} must have shape ({rows},), got {tuple(t.shape)}")
+    for name, t in (("grad_out", grad_out), ("mean", mean), ("rstd", rstd)):
+        if t.device != x.device:
+            raise ValueError(f"{name} is on {t.device} but x is on {x.device}")
+    _raise_if_refused(x, grad_out, mean, rstd, norm_weight, norm_bias, w)
+
+
+@torch.library.custom_op("mvmae_fast::prenorm_linear_backward", mutates_args=())
+def _prenorm_linear_backward_op(grad_out: torch.Tensor, x: torch.Tensor, mean: torch.Tensor, rstd: torch.Tensor,
+                                norm_weight: torch.Tensor, norm_bias: torch.Tensor, w: torch.Tensor
+                                ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    _check_prenorm_linear_backward(grad_out, x, mean, rstd, norm_weight, norm_bias, w)
+    grad_out, x, mean, rstd, norm_weight, norm_bias, w = _contiguous(grad_out, x, mean, rstd, norm_weight, norm_bias, w)
+    rows, dim = x.shape
+    out_dim = w.shape[0]
+    dx, dnw, dnb, dw, db = [new_output(shape, x.dtype, x.device)
+                            for shape in ((rows, dim), (dim,), (dim,), (out_dim, dim), (out_dim,))]
+    _ext._C.norm_linear_backward_cpu(grad_out.data_ptr(), x.data_ptr(), mean.data_ptr(), rstd.data_ptr(),
+                                     norm_weight.data_ptr(), norm_bias.data_ptr(), w.data_ptr(), dx.data_ptr(),
+                                     dnw.data_ptr(), dnb.data_ptr(), dw.data_ptr(), db.data_ptr(), rows, dim, out_dim,
+                                     torch.get_num_threads())
+    return dx, dnw, dnb, dw, db
+
+
+@_prenorm_linear_backward_op.register_fake
+def _(grad_out, x, mean, rstd, norm_weight, norm_bias, w):
+    _check_prenorm_linear_backward(grad_out, x, mean, rstd, norm_weight, norm_bias, w)
+    out_dim, dim = w.shape
+    return x.new_empty(x.shape), x.new_empty(dim), x.new_empty(dim), x.new_empty(out_dim, dim), x.new_empty(out_dim)
+
+
+def _prenorm_linear_setup_context(ctx, inputs, output):
+    x, norm_weight, norm_bias, eps, w, b = inputs
+    _, mean, rstd = output
+    ctx.mark_non_differentiable(mean, rstd)
+    ctx.set_materialize_grads(False)
+    ctx.save_for_backward(x, mean, rstd, norm_weight, norm_bias, w)
+
+
+def _prenorm_linear_backward(ctx, grad_out, grad_mean, grad_rstd):
+    if grad_out is None:
+        return (None,) * 6
+    dx, dnw, dnb, dw, db = _prenorm_linear_backward_op(grad_out, *ctx.saved_tensors)
+    return dx, dnw, dnb, None, dw, db
+
+
+_prenorm_linear_op.register_autograd(_prenorm_linear_backward, setup_context=_prenorm_linear_setup_context)
+
+
+def prenorm_linear(x, norm_weight, norm_bias, eps, w, b, *, backend=None):
+    """``F.linear(F.layer_norm(x, (D,), norm_weight, norm_bias, eps), w, b)``: x (..., D) -> (..., out),
+    a pre-norm block's qkv projection, differentiable in every tensor. The cpp backend normalises each
+    chunk of rows in cache and keeps only the rows' mean and 1/std for the backward (not the
+    normalised tensor). Backends and their choice as :func:`mlp`'s."""
+    _check_linear(x, w, b)
+    _check_norm(x, norm_weight, norm_bias, eps)
+    name = backends.select_backend("mlp", x.device, backend or "", IMPLEMENTED)
+    if name == "cpp":
+        tensors = (x, norm_weight, norm_bias, w, b)
+        if backend or backends.requested_backend()[0] is not None:
+            _raise_if_refused(*tensors)
+        elif (_kernel_refusals(*tensors) or torch.is_autocast_enabled("cpu")
+              or linear_workspace_bytes(x.shape[-1], w.shape[0], torch.get_num_threads(), x.numel() // x.shape[-1])
+              > MAX_CPP_WORKSPACE_BYTES):
+            name = "torch"
+    if name == "torch":
+        return torch.nn.functional.linear(
+            torch.nn.functional.layer_norm(x, (x.shape[-1],), norm_weight, norm_bias, eps), w, b)
+    out = _prenorm_linear_op(x.reshape(-1, x.shape[-1]), norm_weight, norm_bias, eps, w, b)[0]
+    return out.view(*x.shape[:-1], w.shape[0])

@@ -1,0 +1,551 @@
+"""Tests for mvmae_fast.ops.mlp: fc2(gelu(fc1(x))) with the exact (erf) GELU, the torch backend and the
+fused float32 C++ CPU kernel (csrc/cpu/mlp.cpp), and the model's Mlp layer that calls it; and for
+mvmae_fast.ops.prenorm_mlp, x + mlp(layer_norm(x)) in one kernel, and the model's Block that calls it.
+
+Accuracy criterion (as in test_attention.py): against a float64 reference, the kernel's maximum error in
+the output, in pre = fc1(x) and in each of the five gradients must be at most twice that of PyTorch's own
+float32 F.linear / F.gelu on the same inputs, plus a floor of one float32 epsilon at the reference's
+largest magnitude (at least 1) plus 1e-6. The vector gradients are summed per 96-row chunk and then
+chunk by chunk, so they meet the criterion on long inputs too (test_bias_gradients_on_long_inputs).
+
+The shapes cover the kernel's edges: 96-row chunks (1, 95, 96, 97 and several chunks), 12/8/4/2/1-row
+tiles, D and Hd off the 16/32-column panels, and the micro preset's encoder and decoder MLPs.
+prenorm_mlp is held to the same criterion for its output, pre, the rows' mean and 1/std and all seven
+gradients, on inputs LayerNorm has to move (mean 3, std 2) and with a non-trivial norm weight and bias.
+"""
+
+import contextlib
+import functools
+import importlib
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from mvmae_fast import UnsupportedBackendError, use_backend
+from mvmae_fast.models.layers import Block, Mlp
+from mvmae_fast.ops import mlp, prenorm_mlp
+from mvmae_fast.ops.mlp import reference
+
+mlp_pkg = importlib.import_module("mvmae_fast.ops.mlp")  # the package: the attribute is the function
+
+NAMES = ("out", "pre", "dx", "dw1", "db1", "dw2", "db2")
+PRENORM_NAMES = ("out", "pre", "mean", "rstd", "dx", "dnorm_weight", "dnorm_bias", "dw1", "db1", "dw2", "db2")
+EPS = torch.finfo(torch.float32).eps
+
+# (x's shape, Hd)
+SHAPES = [((1, 3), 1), ((95, 17), 7), ((96, 48), 100), ((97, 130), 257), ((2, 101, 32), 64), ((250, 16), 33),
+          ((64, 17, 128), 512), ((64, 65, 64), 256)]
+
+
+def shape_id(case):
+    shape, hidden, *eps = case  # prenorm cases carry the LayerNorm's eps
+    return "x{}-Hd{}".format("x".join(map(str, shape)), hidden) + "".join(f"-eps{e:g}" for e in eps)
+
+
+def make_inputs(shape, hidden, scale=1.0, seed=0):
+    """[x, w1, b1, w2, b2] (float32, weights scaled like nn.Linear's outputs) and an output gradient."""
+    dim = shape[-1]
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(shape, generator=g) * scale
+    w1 = torch.randn(hidden, dim, generator=g) * dim**-0.5
+    b1 = torch.randn(hidden, generator=g)
+    w2 = torch.randn(dim, hidden, generator=g) * hidden**-0.5
+    b2 = torch.randn(dim, generator=g)
+    return [x, w1, b1, w2, b2], torch.randn(shape, generator=g)
+
+
+def ref_mlp(x, w1, b1, w2, b2):
+    """(out, pre) with plain torch ops, in the inputs' precision."""
+    pre = F.linear(x, w1, b1)
+    return F.linear(F.gelu(pre), w2, b2), pre
+
+
+def cpp_mlp(x, w1, b1, w2, b2):
+    """(out, pre): out through ops.mlp (autograd), pre from the raw custom op."""
+    out = mlp(x, w1, b1, w2, b2, backend="cpp")
+    with torch.no_grad():
+        _, pre = torch.ops.mvmae_fast.mlp(x.reshape(-1, x.shape[-1]), w1, b1, w2, b2)
+    return out, pre.view(*x.shape[:-1], -1)
+
+
+def make_prenorm_inputs(shape, hidden, seed=0):
+    """[x, norm_weight, norm_bias, w1, b1, w2, b2] with x of mean 3 and std 2 (so LayerNorm has work to
+    do), the norm's weight around 1 and bias around 0, and an output gradient."""
+    (x, w1, b1, w2, b2), grad = make_inputs(shape, hidden, scale=2.0, seed=seed)
+    g = torch.Generator().manual_seed(seed + 1)
+    norm_weight, norm_bias = 1 + 0.5 * torch.randn(shape[-1], generator=g), 0.5 * torch.randn(shape[-1], generator=g)
+    return [x + 3, norm_weight, norm_bias, w1, b1, w2, b2], grad
+
+
+def ref_prenorm(x, norm_weight, norm_bias, w1, b1, w2, b2, eps=1e-6):
+    """(out, pre, mean, rstd) with plain torch ops, in the inputs' precision."""
+    var, mean = torch.var_mean(x, -1, correction=0)
+    out, pre = ref_mlp(F.layer_norm(x, x.shape[-1:], norm_weight, norm_bias, eps), w1, b1, w2, b2)
+    return x + out, pre, mean, (var + eps).rsqrt()
+
+
+def cpp_prenorm(x, norm_weight, norm_bias, w1, b1, w2, b2, eps=1e-6):
+    """(out, pre, mean, rstd): out through ops.prenorm_mlp (autograd), the rest from the raw custom op."""
+    out = prenorm_mlp(x, norm_weight, norm_bias, eps, w1, b1, w2, b2, backend="cpp")
+    with torch.no_grad():
+        _, pre, mean, rstd = torch.ops.mvmae_fast.prenorm_mlp(x.reshape(-1, x.shape[-1]), norm_weight, norm_bias,
+                                                              eps, w1, b1, w2, b2)
+    lead = x.shape[:-1]
+    return out, pre.view(*lead, -1), mean.view(lead), rstd.view(lead)
+
+
+def prenorm_case(shape, hidden, eps=1e-6, seed=0):
+    """make_prenorm_inputs's (inputs, grad), then check_accuracy's fn, ref and names at this eps."""
+    return (*make_prenorm_inputs(shape, hidden, seed), functools.partial(cpp_prenorm, eps=eps),
+            functools.partial(ref_prenorm, eps=eps), PRENORM_NAMES)
+
+
+def op_case(op, shape, hidden):
+    """(inputs, grad, kernel fn, names) for ops.mlp or ops.prenorm_mlp."""
+    if op == "mlp":
+        return (*make_inputs(shape, hidden), cpp_mlp, NAMES)
+    inputs, grad, fn, _, names = prenorm_case(shape, hidden)
+    return inputs, grad, fn, names
+
+
+def run(fn, inputs, grad, names=NAMES):
+    """{'out', 'pre', 'dx', 'dw1', 'db1', 'dw2', 'db2'} for fn(*inputs) -> (out, pre); with
+    PRENORM_NAMES, fn returns (out, pre, mean, rstd) and there are seven gradients."""
+    leaves = [t.detach().requires_grad_(True) for t in inputs]  # keeps the inputs' strides
+    outputs = fn(*leaves)
+    grads = torch.autograd.grad(outputs[0], leaves, grad.to(outputs[0].dtype))
+    return dict(zip(names, (*(t.detach() for t in outputs), *grads), strict=True))
+
+
+def errors(kernel, baseline, exact, names=NAMES):
+    """The names that break the accuracy criterion, with their numbers (empty: all accurate)."""
+    failures = []
+    for name in names:
+        ref = exact[name]
+        assert kernel[name].dtype == torch.float32 and not kernel[name].isnan().any(), f"{name}: NaN or dtype"
+        err = (kernel[name].double() - ref).abs().max().item()
+        base = (baseline[name].double() - ref).abs().max().item()
+        floor = EPS * max(ref.abs().max().item(), 1.0) + 1e-6
+        if not err <= 2 * base + floor:
+            failures.append(f"{name}: max error {err:.3e} > 2 x torch's {base:.3e} + floor {floor:.3e}")
+    return failures
+
+
+def check_accuracy(inputs, grad, fn=cpp_mlp, ref=ref_mlp, names=NAMES):
+    exact = run(ref, [t.double() for t in inputs], grad.double(), names)
+    baseline = run(ref, inputs, grad, names)
+    kernel = run(fn, inputs, grad, names)
+    failures = errors(kernel, baseline, exact, names)
+    assert not failures, f"{tuple(inputs[0].shape)} Hd {exact['pre'].shape[-1]}: " + "; ".join(failures)
+    return kernel
+
+
+def graph_names(t):
+    """Type names of every node in t's autograd graph."""
+    seen, todo = [], [t.grad_fn]
+    while todo:
+        node = todo.pop()
+        if node is not None:
+            seen.append(type(node).__name__)
+            todo.extend(n for n, _ in node.next_functions)
+    return seen
+
+
+def uses_kernel(t, op="mlp"):
+    return any(f"mvmae_fast_{op}_default" in name for name in graph_names(t))
+
+
+def with_threads(count, fn):
+    threads = torch.get_num_threads()
+    torch.set_num_threads(count)
+    try:
+        return fn()
+    finally:
+        torch.set_num_threads(threads)
+
+
+# --------------------------------------------------------------------------- #
+# accuracy
+# --------------------------------------------------------------------------- #
+@pytest.mark.parametrize("case", SHAPES, ids=shape_id)
+def test_cpp_matches_reference(case):
+    check_accuracy(*make_inputs(*case))
+
+
+@pytest.mark.parametrize("case", [((97, 130), 257), ((3, 70, 48), 100)], ids=shape_id)
+def test_cpp_gelu_tails(case):
+    """Wide inputs (std 3) and fc1 biases spanning [-12, 12]: every row reaches both GELU tails."""
+    inputs, grad = make_inputs(*case, scale=3.0, seed=1)
+    inputs[2] = torch.linspace(-12, 12, case[1])
+    kernel = check_accuracy(inputs, grad)
+    assert kernel["pre"].min() < -10 and kernel["pre"].max() > 10
+
+
+def test_bias_gradients_on_long_inputs():
+    """4160 rows on one thread: a single running float32 sum would be 4-10x torch's error here."""
+    inputs, grad = make_inputs((64, 65, 64), 256)
+    exact = run(ref_mlp, [t.double() for t in inputs], grad.double())
+    kernel = with_threads(1, lambda: run(cpp_mlp, inputs, grad))  # one thread: every row in one sum
+    failures = errors(kernel, run(ref_mlp, inputs, grad), exact, names=("db1", "db2"))
+    assert not failures, "; ".join(failures)
+
+
+def test_torch_backend_is_the_reference():
+    inputs, _ = make_inputs((2, 9, 16), 24)
+    leaves = [t.double().requires_grad_(True) for t in inputs]
+    out = mlp(*leaves, backend="torch")
+    assert torch.equal(out, reference.mlp(*leaves)) and torch.equal(out, ref_mlp(*leaves)[0])
+    assert not uses_kernel(out) and "mvmae_fast" not in type(out.grad_fn).__name__
+    assert torch.autograd.gradcheck(lambda *a: mlp(*a, backend="torch"), leaves)
+    assert uses_kernel(mlp(*[t.float() for t in leaves], backend="cpp"))
+
+
+# --------------------------------------------------------------------------- #
+# determinism, threads, layouts
+# --------------------------------------------------------------------------- #
+@pytest.mark.parametrize("op", ["mlp", "prenorm_mlp"])
+def test_backward_is_deterministic(op):
+    inputs, grad, fn, names = op_case(op, (2, 150, 48), 100)
+    first, second = run(fn, inputs, grad, names), run(fn, inputs, grad, names)
+    for name in names:
+        assert torch.equal(first[name], second[name]), f"{name} differs between two identical runs"
+
+
+@pytest.mark.parametrize("op", ["mlp", "prenorm_mlp"])
+def test_independent_of_thread_count(op):
+    """Rows are split between threads at chunk boundaries: out, pre (mean, rstd) and dx are bit for bit
+    the same; the weight and vector gradients are summed over threads, so only close."""
+    inputs, grad, fn, names = op_case(op, (3, 100, 40), 72)
+    one = with_threads(1, lambda: run(fn, inputs, grad, names))
+    two = with_threads(2, lambda: run(fn, inputs, grad, names))
+    for name in names:
+        if name == "dx" or not name.startswith("d"):
+            assert torch.equal(one[name], two[name]), name
+        else:
+            torch.testing.assert_close(one[name], two[name], rtol=1e-5, atol=1e-5, msg=name)
+
+
+def test_noncontiguous_inputs_match_contiguous():
+    inputs, grad = make_inputs((2, 33, 24), 40)
+    expected = run(cpp_mlp, inputs, grad)
+    x, w1, b1, w2, b2 = inputs
+    strided_x = torch.stack([x, torch.full_like(x, float("nan"))], dim=-2)[..., 0, :]  # rows 2 * D apart
+    views = [strided_x, w1.t().contiguous().t(), torch.stack([b1, b1 * 0 + float("nan")], -1)[:, 0],
+             w2.t().contiguous().t(), b2]
+    grad_t = grad.transpose(0, 1).contiguous().transpose(0, 1)
+    assert not any(t.is_contiguous() for t in views[:4]) and not grad_t.is_contiguous()
+    got = run(cpp_mlp, views, grad_t)
+    for name in NAMES:
+        assert torch.equal(got[name], expected[name]), name
+
+
+def test_expanded_and_zero_output_gradients():
+    """out.sum() sends a stride-0 gradient; out * 0 gives exact zeros; pre is not differentiable."""
+    inputs, _ = make_inputs((2, 50, 24), 40)
+    ones = torch.ones_like(inputs[0])
+    exact = run(ref_mlp, [t.double() for t in inputs], ones.double())
+    leaves = [t.clone().requires_grad_(True) for t in inputs]
+    mlp(*leaves, backend="cpp").sum().backward()
+    for name, leaf in zip(NAMES[2:], leaves):
+        torch.testing.assert_close(leaf.grad.double(), exact[name], rtol=1e-5, atol=1e-4, msg=name)
+        leaf.grad = None
+    (mlp(*leaves, backend="cpp") * 0).sum().backward()
+    for leaf in leaves:
+        assert torch.equal(leaf.grad, torch.zeros_like(leaf))
+    out, pre = torch.ops.mvmae_fast.mlp(leaves[0].reshape(-1, 24), *leaves[1:])
+    assert out.requires_grad and not pre.requires_grad
+    with pytest.raises(RuntimeError, match="does not require grad"):
+        pre.sum().backward()
+
+
+# --------------------------------------------------------------------------- #
+# dispatch
+# --------------------------------------------------------------------------- #
+def test_default_dispatch(monkeypatch):
+    inputs, _ = make_inputs((2, 17, 32), 64)
+    leaves = [t.clone().requires_grad_(True) for t in inputs]
+    cpp = mlp(*inputs, backend="cpp")
+    torch_out = mlp(*inputs, backend="torch")
+    default = mlp(*leaves)
+    assert torch.equal(default, cpp) and uses_kernel(default)
+    with use_backend("torch"):
+        forced = mlp(*leaves)
+    assert torch.equal(forced, torch_out) and not uses_kernel(forced)
+    with use_backend("triton"), pytest.raises(UnsupportedBackendError, match="no triton implementation"):
+        mlp(*inputs)
+    # Under CPU autocast the default takes torch's bfloat16 linears; a forced cpp still runs, in float32.
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        auto, forced = mlp(*leaves), mlp(*leaves, backend="cpp")
+    assert auto.dtype == torch.bfloat16 and not uses_kernel(auto)
+    assert forced.dtype == torch.float32 and torch.equal(forced, cpp) and uses_kernel(forced)
+    # float64: the default falls back to torch, a forced cpp raises.
+    doubles = [t.double() for t in inputs]
+    assert torch.equal(mlp(*doubles), reference.mlp(*doubles))
+    for context, kwargs in ((contextlib.nullcontext(), {"backend": "cpp"}), (use_backend("cpp"), {})):
+        with context, pytest.raises(UnsupportedBackendError, match="float32 only, got float64"):
+            mlp(*doubles, **kwargs)
+    with pytest.raises(UnsupportedBackendError, match="float32 only, got float64"):
+        torch.ops.mvmae_fast.mlp(doubles[0].view(-1, 32), *doubles[1:])
+    # A backward scratch over MAX_CPP_WORKSPACE_BYTES: the default takes torch, a forced cpp still runs.
+    monkeypatch.setattr(mlp_pkg, "MAX_CPP_WORKSPACE_BYTES", 0)
+    fallback = mlp(*leaves)
+    assert torch.equal(fallback, torch_out) and not uses_kernel(fallback)
+    forced = mlp(*leaves, backend="cpp")
+    assert torch.equal(forced, cpp) and uses_kernel(forced)
+
+
+# --------------------------------------------------------------------------- #
+# validation
+# --------------------------------------------------------------------------- #
+@pytest.mark.parametrize("backend", ["torch", "cpp"])
+def test_validation(backend):
+    (x, w1, b1, w2, b2), _ = make_inputs((2, 5, 8), 12)
+    cases = [((x, w1, b1, w2.t(), b2), ValueError, r"w2 must have shape \(8, 12\)"),
+             ((x, w1, b1[:5], w2, b2), ValueError, r"b1 must have shape \(12,\)"),
+             ((x, w1, b1, w2, b1), ValueError, r"b2 must have shape \(8,\)"),
+             ((x[..., :7], w1, b1, w2, b2), ValueError, "x's last dimension must be D = 8"),
+             ((x.tolist(), w1, b1, w2, b2), TypeError, "x must be a torch.Tensor, got list"),
+             ((x, w1.numpy(), b1, w2, b2), TypeError, "w1 must be a torch.Tensor"),
+             ((x, w1[0], b1, w2, b2), ValueError, "w1 must have 2 dimensions"),
+             ((x.int(), w1, b1, w2, b2), TypeError, "x must be a floating-point tensor"),
+             ((x, w1[:0], b1[:0], w2[:, :0], b2), ValueError, "w1 has an empty dimension")]
+    for args, error, message in cases:
+        with pytest.raises(error, match=message):
+            mlp(*args, backend=backend)
+
+
+def test_custom_op_validation():
+    (x, w1, b1, w2, b2), grad = make_inputs((10, 8), 12)
+    with pytest.raises(ValueError, match=r"takes x as \(M, D\), got shape \(2, 5, 8\)"):
+        torch.ops.mvmae_fast.mlp(x.view(2, 5, 8), w1, b1, w2, b2)
+    out, pre = torch.ops.mvmae_fast.mlp(x, w1, b1, w2, b2)
+    bad = [((grad[:9], x, pre, w1, w2), r"grad_out must have shape \(10, 8\)"),
+           ((grad, x, pre[:, :11], w1, w2), r"pre must have shape \(10, 12\)"),
+           ((grad, x, pre, w1, w2[:7]), r"w2 must have shape \(8, 12\)"),
+           ((grad, x, pre, w1[:11], w2), r"pre must have shape \(10, 11\)")]
+    for args, message in bad:
+        with pytest.raises(ValueError, match="mlp_backward: " + message):
+            torch.ops.mvmae_fast.mlp_backward(*args)
+
+
+# --------------------------------------------------------------------------- #
+# registration
+# --------------------------------------------------------------------------- #
+def test_opcheck():
+    (x, w1, b1, w2, b2), grad = make_inputs((37, 20), 45)
+    leaves = [t.clone().requires_grad_(True) for t in (x, w1, b1, w2, b2)]
+    torch.library.opcheck(torch.ops.mvmae_fast.mlp.default, tuple(leaves))
+    _, pre = torch.ops.mvmae_fast.mlp(x, w1, b1, w2, b2)
+    torch.library.opcheck(torch.ops.mvmae_fast.mlp_backward.default, (grad, x, pre, w1, w2))
+
+
+def test_torch_compile_fullgraph():
+    inputs, grad = make_inputs((2, 7, 16), 24)
+    got = run(torch.compile(cpp_mlp, fullgraph=True), inputs, grad)
+    expected = run(cpp_mlp, inputs, grad)
+    for name in NAMES:
+        torch.testing.assert_close(got[name], expected[name], rtol=0, atol=0, msg=name)
+
+
+# --------------------------------------------------------------------------- #
+# the model's layer
+# --------------------------------------------------------------------------- #
+def test_model_mlp_layer():
+    torch.manual_seed(0)
+    layer = Mlp(64, 256)
+    assert list(layer.state_dict()) == ["fc1.weight", "fc1.bias", "fc2.weight", "fc2.bias"]
+    x = torch.randn(2, 65, 64) * 2
+    grad = torch.randn(2, 65, 64)
+    params = [layer.fc1.weight, layer.fc1.bias, layer.fc2.weight, layer.fc2.bias]
+
+    def grads(fn):
+        x_ = x.clone().requires_grad_(True)
+        out = fn(x_)
+        return out, torch.autograd.grad(out, [x_, *params], grad)
+
+    fused, fused_grads = grads(layer)
+    assert uses_kernel(fused)
+    unfused, unfused_grads = grads(lambda y: layer.fc2(layer.act(layer.fc1(y))))
+    torch.testing.assert_close(fused, unfused, rtol=1e-5, atol=1e-5)
+    for name, a, b in zip(("x", *NAMES[3:]), fused_grads, unfused_grads):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-4, msg=name)
+    # Another activation (or GELU's tanh form) is not ops.mlp's function: the layer runs it unfused.
+    for act, fn in ((nn.ReLU(), F.relu), (nn.GELU(approximate="tanh"), lambda h: F.gelu(h, approximate="tanh"))):
+        layer.act = act
+        out = layer(x.requires_grad_(True))
+        assert torch.equal(out, layer.fc2(fn(layer.fc1(x)))) and not uses_kernel(out)
+
+
+# --------------------------------------------------------------------------- #
+# prenorm_mlp: x + mlp(layer_norm(x)) in one kernel, and the model's Block
+# --------------------------------------------------------------------------- #
+# (x's shape, Hd, the LayerNorm's eps)
+PRENORM_SHAPES = [((1, 3), 1, 1e-5), ((97, 130), 257, 1e-6), ((2, 101, 32), 64, 1e-5), ((64, 17, 128), 512, 1e-6),
+                  ((64, 65, 64), 256, 1e-6)]
+
+
+def prenorm(tensors, eps=1e-5, **kwargs):
+    """ops.prenorm_mlp on make_prenorm_inputs's list."""
+    x, norm_weight, norm_bias, *weights = tensors
+    return prenorm_mlp(x, norm_weight, norm_bias, eps, *weights, **kwargs)
+
+
+@pytest.mark.parametrize("case", PRENORM_SHAPES, ids=shape_id)
+def test_prenorm_cpp_matches_reference(case):
+    """out, pre, the rows' mean and 1/std, and the seven gradients, against float64."""
+    check_accuracy(*prenorm_case(*case))
+
+
+def test_prenorm_constant_rows():
+    """Rows of one value (exact float32 mean, variance 0): rstd = 1/sqrt(eps), the normalised row is the
+    norm's bias; every output and gradient finite and as accurate as elsewhere."""
+    inputs, grad, fn, ref, names = prenorm_case((97, 130), 257, eps=1e-6)
+    rows, levels = [0, 1, 50, 95, 96], torch.tensor([0.0, 1.5, -3.0, 7.25, 1.5])
+    inputs[0][rows] = levels[:, None]
+    kernel = check_accuracy(inputs, grad, fn, ref, names)
+    assert all(t.isfinite().all() for t in kernel.values())
+    assert torch.equal(kernel["mean"][rows], levels)
+    torch.testing.assert_close(kernel["rstd"][rows], torch.full((5,), 1e3), rtol=1e-6, atol=0)
+    _, _, norm_bias, w1, b1, *_ = inputs
+    torch.testing.assert_close(kernel["pre"][rows], F.linear(norm_bias, w1, b1).expand(5, -1), rtol=1e-5, atol=1e-5)
+
+
+def test_prenorm_torch_backend_is_the_formula():
+    inputs, _ = make_prenorm_inputs((2, 9, 16), 24)
+    leaves = [t.double().requires_grad_(True) for t in inputs]
+    x, norm_weight, norm_bias, w1, b1, w2, b2 = leaves
+    out = prenorm(leaves, backend="torch")
+    assert torch.equal(out, x + F.linear(F.gelu(F.linear(F.layer_norm(x, (16,), norm_weight, norm_bias, 1e-5), w1, b1)),
+                                         w2, b2))
+    assert not uses_kernel(out, "prenorm_mlp") and not uses_kernel(out)
+    cpp = prenorm([t.float() for t in leaves], backend="cpp")
+    assert uses_kernel(cpp, "prenorm_mlp") and not uses_kernel(cpp)
+
+
+def test_prenorm_default_dispatch(monkeypatch):
+    inputs, _ = make_prenorm_inputs((2, 17, 32), 64)
+    leaves = [t.clone().requires_grad_(True) for t in inputs]
+    cpp, torch_out = prenorm(inputs, backend="cpp"), prenorm(inputs, backend="torch")
+    default = prenorm(leaves)
+    assert torch.equal(default, cpp) and uses_kernel(default, "prenorm_mlp")
+    with use_backend("torch"):
+        forced = prenorm(leaves)
+    assert torch.equal(forced, torch_out) and not uses_kernel(forced, "prenorm_mlp")
+    # Under CPU autocast the default takes torch (bfloat16 linears); a forced cpp runs in float32.
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        auto, forced, expected = prenorm(leaves), prenorm(leaves, backend="cpp"), prenorm(inputs, backend="torch")
+    assert torch.equal(auto, expected) and not torch.equal(auto, torch_out) and not uses_kernel(auto, "prenorm_mlp")
+    assert forced.dtype == torch.float32 and torch.equal(forced, cpp) and uses_kernel(forced, "prenorm_mlp")
+    # float64: the default falls back to torch, a forced cpp raises (the public function and the raw op).
+    doubles = [t.double() for t in inputs]
+    assert torch.equal(prenorm(doubles), ref_prenorm(*doubles, eps=1e-5)[0])
+    for context, kwargs in ((contextlib.nullcontext(), {"backend": "cpp"}), (use_backend("cpp"), {})):
+        with context, pytest.raises(UnsupportedBackendError, match="float32 only, got float64"):
+            prenorm(doubles, **kwargs)
+    x, norm_weight, norm_bias, *weights = doubles
+    with pytest.raises(UnsupportedBackendError, match="float32 only, got float64"):
+        torch.ops.mvmae_fast.prenorm_mlp(x.view(-1, 32), norm_weight, norm_bias, 1e-5, *weights)
+    monkeypatch.setattr(mlp_pkg, "MAX_CPP_WORKSPACE_BYTES", 0)  # as mlp's: too much scratch -> torch
+    fallback = prenorm(leaves)
+    assert torch.equal(fallback, torch_out) and not uses_kernel(fallback, "prenorm_mlp")
+
+
+@pytest.mark.parametrize("backend", ["torch", "cpp"])
+def test_prenorm_validation(backend):
+    (x, norm_weight, norm_bias, w1, b1, w2, b2), _ = make_prenorm_inputs((2, 5, 8), 12)
+    cases = [((x, norm_weight[:7], norm_bias, 1e-6, w1, b1, w2, b2),
+              r"norm_weight must have shape \(8,\) to match x of shape \(2, 5, 8\), got \(7,\)"),
+             ((x, norm_weight, norm_bias[None], 1e-6, w1, b1, w2, b2), r"norm_bias must have 1 dimensions"),
+             ((x, norm_weight, torch.zeros(9), 1e-6, w1, b1, w2, b2), r"norm_bias must have shape \(8,\)"),
+             ((x, norm_weight, norm_bias, -1e-5, w1, b1, w2, b2), "eps must be a number >= 0, got -1e-05"),
+             ((x, norm_weight, norm_bias, float("nan"), w1, b1, w2, b2), "eps must be a number >= 0, got nan"),
+             ((x, norm_weight, norm_bias, 1e-6, w1, b1, w2.t(), b2), r"w2 must have shape \(8, 12\)")]
+    for args, message in cases:
+        with pytest.raises(ValueError, match=message):
+            prenorm_mlp(*args, backend=backend)
+
+
+def test_prenorm_custom_op_validation():
+    (x, norm_weight, norm_bias, w1, b1, w2, b2), grad = make_prenorm_inputs((10, 8), 12)
+    with pytest.raises(ValueError, match=r"takes x as \(M, D\), got shape \(2, 5, 8\)"):
+        torch.ops.mvmae_fast.prenorm_mlp(x.view(2, 5, 8), norm_weight, norm_bias, 1e-6, w1, b1, w2, b2)
+    with pytest.raises(ValueError, match="eps must be a number >= 0"):
+        torch.ops.mvmae_fast.prenorm_mlp(x, norm_weight, norm_bias, -1.0, w1, b1, w2, b2)
+    _, pre, mean, rstd = torch.ops.mvmae_fast.prenorm_mlp(x, norm_weight, norm_bias, 1e-6, w1, b1, w2, b2)
+    bad = [((grad, x, pre, mean[:9], rstd, norm_weight, norm_bias, w1, w2),
+            r"prenorm_mlp_backward: mean must have shape \(10,\), got \(9,\)"),
+           ((grad, x, pre, mean, torch.ones(11), norm_weight, norm_bias, w1, w2),
+            r"prenorm_mlp_backward: rstd must have shape \(10,\), got \(11,\)"),
+           ((grad, x, pre, mean, rstd[:, None], norm_weight, norm_bias, w1, w2), r"rstd must have 1 dimensions \(M,\)"),
+           ((grad, x, pre, mean, rstd, norm_weight, norm_bias[:7], w1, w2), r"norm_bias must have shape \(8,\)"),
+           ((grad, x, pre[:, :11], mean, rstd, norm_weight, norm_bias, w1, w2), r"pre must have shape \(10, 12\)")]
+    for args, message in bad:
+        with pytest.raises(ValueError, match=message):
+            torch.ops.mvmae_fast.prenorm_mlp_backward(*args)
+
+
+def test_prenorm_opcheck():
+    (x, norm_weight, norm_bias, w1, b1, w2, b2), grad = make_prenorm_inputs((37, 20), 45)
+    leaves = [t.clone().requires_grad_(True) for t in (x, norm_weight, norm_bias, w1, b1, w2, b2)]
+    torch.library.opcheck(torch.ops.mvmae_fast.prenorm_mlp.default, (*leaves[:3], 1e-5, *leaves[3:]))
+    _, pre, mean, rstd = torch.ops.mvmae_fast.prenorm_mlp(x, norm_weight, norm_bias, 1e-5, w1, b1, w2, b2)
+    torch.library.opcheck(torch.ops.mvmae_fast.prenorm_mlp_backward.default,
+                          (grad, x, pre, mean, rstd, norm_weight, norm_bias, w1, w2))
+
+
+def test_prenorm_torch_compile_fullgraph():
+    inputs, grad, fn, _, names = prenorm_case((2, 7, 16), 24, eps=1e-5)
+    got = run(torch.compile(fn, fullgraph=True), inputs, grad, names)
+    expected = run(fn, inputs, grad, names)
+    for name in names:
+        torch.testing.assert_close(got[name], expected[name], rtol=0, atol=0, msg=name)
+
+
+def test_model_block():
+    """Block's fused second half against the same block with every op on torch, and the conditions on
+    norm2 and mlp under which it falls back to x + mlp(norm2(x))."""
+    torch.manual_seed(0)
+    block = Block(64, 4)
+    with torch.no_grad():
+        block.norm2.weight.normal_(1, 0.5)
+        block.norm2.bias.normal_(0, 0.5)
+    x, grad = torch.randn(2, 17, 64) * 2 + 1, torch.randn(2, 17, 64)
+    names, params = zip(*block.named_parameters())
+
+    def grads(fn):
+        x_ = x.clone().requires_grad_(True)
+        out = fn(x_)
+        return out, torch.autograd.grad(out, [x_, *params], grad)
+
+    def by_hand(y):  # the pre-norm block written out
+        y = y + block.attn(block.norm1(y))
+        mlp_, norm = block.mlp, block.norm2
+        return y + mlp_.fc2(F.gelu(mlp_.fc1(F.layer_norm(y, (64,), norm.weight, norm.bias, norm.eps))))
+
+    fused, fused_grads = grads(block)
+    assert uses_kernel(fused, "prenorm_mlp")
+    with use_backend("torch"):
+        unfused, unfused_grads = grads(block)
+        assert torch.equal(unfused, by_hand(x)) and not uses_kernel(unfused, "prenorm_mlp")
+    torch.testing.assert_close(fused, unfused, rtol=1e-5, atol=1e-5)
+    for name, a, b in zip(("x", *names), fused_grads, unfused_grads, strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-4, msg=name)
+    # Not a LayerNorm with weight and bias, or not ops.mlp's function: Block runs x1 + mlp(norm2(x1)), with
+    # x1 the first half's output (norm2's input, caught by a hook: the fused path never calls norm2).
+    swaps = [("norm2", nn.Identity(), lambda y: y + block.mlp(y), True),
+             ("norm2", nn.LayerNorm(64, bias=False), lambda y: y + block.mlp(block.norm2(y)), True),
+             ("mlp.act", nn.ReLU(), lambda y: y + block.mlp.fc2(F.relu(block.mlp.fc1(block.norm2(y)))), False)]
+    for attr, module, expected, mlp_fused in swaps:
+        owner, _, name = attr.rpartition(".")
+        owner = block.get_submodule(owner)
+        original = getattr(owner, name)
+        setattr(owner, name, module)
+        seen = []
+        hook = block.norm2.register_forward_pre_hook(lambda _, args: seen.append(args[0]))
+        out = block(x)
+        hook.remove()
+        assert len(seen) == 1 and torch.equal(out, expected(seen[0])), attr
+        assert not uses_kernel(out, "prenorm_mlp") and uses_kernel(out) == mlp_fused, attr
+        setattr(owner, name, original)
