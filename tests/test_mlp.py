@@ -12,6 +12,8 @@ The shapes cover the kernel's edges: 96-row chunks (1, 95, 96, 97 and several ch
 tiles, D and Hd off the 16/32-column panels, and the micro preset's encoder and decoder MLPs.
 prenorm_mlp is held to the same criterion for its output, pre, the rows' mean and 1/std and all seven
 gradients, on inputs LayerNorm has to move (mean 3, std 2) and with a non-trivial norm weight and bias.
+mvmae_fast.ops.prenorm_linear, linear(layer_norm(x)) (the Block's qkv projection), likewise for its
+output, mean, 1/std and five gradients, with out_features off the 16/32-column panels.
 """
 
 import contextlib
@@ -25,13 +27,14 @@ from torch import nn
 
 from mvmae_fast import UnsupportedBackendError, use_backend
 from mvmae_fast.models.layers import Block, Mlp
-from mvmae_fast.ops import mlp, prenorm_mlp
+from mvmae_fast.ops import mlp, prenorm_linear, prenorm_mlp
 from mvmae_fast.ops.mlp import reference
 
 mlp_pkg = importlib.import_module("mvmae_fast.ops.mlp")  # the package: the attribute is the function
 
 NAMES = ("out", "pre", "dx", "dw1", "db1", "dw2", "db2")
 PRENORM_NAMES = ("out", "pre", "mean", "rstd", "dx", "dnorm_weight", "dnorm_bias", "dw1", "db1", "dw2", "db2")
+LINEAR_NAMES = ("out", "mean", "rstd", "dx", "dnorm_weight", "dnorm_bias", "dw", "db")
 EPS = torch.finfo(torch.float32).eps
 
 # (x's shape, Hd)
@@ -102,12 +105,41 @@ def prenorm_case(shape, hidden, eps=1e-6, seed=0):
             functools.partial(ref_prenorm, eps=eps), PRENORM_NAMES)
 
 
+def make_linear_inputs(shape, out_features, seed=0):
+    """[x, norm_weight, norm_bias, w, b] (make_prenorm_inputs's first five: x of mean 3 and std 2, w as
+    (out_features, D)) and an output gradient of shape (..., out_features)."""
+    inputs, _ = make_prenorm_inputs(shape, out_features, seed)
+    g = torch.Generator().manual_seed(seed + 2)
+    return inputs[:5], torch.randn(*shape[:-1], out_features, generator=g)
+
+
+def ref_linear(x, norm_weight, norm_bias, w, b, eps=1e-6):
+    """(out, mean, rstd) with plain torch ops, in the inputs' precision."""
+    var, mean = torch.var_mean(x, -1, correction=0)
+    return F.linear(F.layer_norm(x, x.shape[-1:], norm_weight, norm_bias, eps), w, b), mean, (var + eps).rsqrt()
+
+
+def cpp_linear(x, norm_weight, norm_bias, w, b, eps=1e-6):
+    """(out, mean, rstd): out through ops.prenorm_linear (autograd), the rest from the raw custom op."""
+    out = prenorm_linear(x, norm_weight, norm_bias, eps, w, b, backend="cpp")
+    with torch.no_grad():
+        _, mean, rstd = torch.ops.mvmae_fast.prenorm_linear(x.reshape(-1, x.shape[-1]), norm_weight, norm_bias, eps,
+                                                            w, b)
+    return out, mean.view(x.shape[:-1]), rstd.view(x.shape[:-1])
+
+
+def linear_case(shape, out_features, eps=1e-6, seed=0):
+    """As prenorm_case, for ops.prenorm_linear."""
+    return (*make_linear_inputs(shape, out_features, seed), functools.partial(cpp_linear, eps=eps),
+            functools.partial(ref_linear, eps=eps), LINEAR_NAMES)
+
+
 def op_case(op, shape, hidden):
-    """(inputs, grad, kernel fn, names) for ops.mlp or ops.prenorm_mlp."""
+    """(inputs, grad, kernel fn, reference fn, names) for ops.mlp, ops.prenorm_mlp or ops.prenorm_linear
+    (hidden: its out_features), the LayerNorm's eps 1e-6."""
     if op == "mlp":
-        return (*make_inputs(shape, hidden), cpp_mlp, NAMES)
-    inputs, grad, fn, _, names = prenorm_case(shape, hidden)
-    return inputs, grad, fn, names
+        return (*make_inputs(shape, hidden), cpp_mlp, ref_mlp, NAMES)
+    return (prenorm_case if op == "prenorm_mlp" else linear_case)(shape, hidden)
 
 
 def run(fn, inputs, grad, names=NAMES):
@@ -138,7 +170,8 @@ def check_accuracy(inputs, grad, fn=cpp_mlp, ref=ref_mlp, names=NAMES):
     baseline = run(ref, inputs, grad, names)
     kernel = run(fn, inputs, grad, names)
     failures = errors(kernel, baseline, exact, names)
-    assert not failures, f"{tuple(inputs[0].shape)} Hd {exact['pre'].shape[-1]}: " + "; ".join(failures)
+    width = exact["pre" if "pre" in exact else "out"].shape[-1]  # Hd, or prenorm_linear's out_features
+    assert not failures, f"{tuple(inputs[0].shape)} Hd {width}: " + "; ".join(failures)
     return kernel
 
 
@@ -183,12 +216,14 @@ def test_cpp_gelu_tails(case):
     assert kernel["pre"].min() < -10 and kernel["pre"].max() > 10
 
 
-def test_bias_gradients_on_long_inputs():
+@pytest.mark.parametrize("op, vectors", [("mlp", ("db1", "db2")),
+                                        ("prenorm_linear", ("dnorm_weight", "dnorm_bias", "db"))])
+def test_bias_gradients_on_long_inputs(op, vectors):
     """4160 rows on one thread: a single running float32 sum would be 4-10x torch's error here."""
-    inputs, grad = make_inputs((64, 65, 64), 256)
-    exact = run(ref_mlp, [t.double() for t in inputs], grad.double())
-    kernel = with_threads(1, lambda: run(cpp_mlp, inputs, grad))  # one thread: every row in one sum
-    failures = errors(kernel, run(ref_mlp, inputs, grad), exact, names=("db1", "db2"))
+    inputs, grad, fn, ref, names = op_case(op, (64, 65, 64), 256)
+    exact = run(ref, [t.double() for t in inputs], grad.double(), names)
+    kernel = with_threads(1, lambda: run(fn, inputs, grad, names))  # one thread: every row in one sum
+    failures = errors(kernel, run(ref, inputs, grad, names), exact, names=vectors)
     assert not failures, "; ".join(failures)
 
 
@@ -205,19 +240,19 @@ def test_torch_backend_is_the_reference():
 # --------------------------------------------------------------------------- #
 # determinism, threads, layouts
 # --------------------------------------------------------------------------- #
-@pytest.mark.parametrize("op", ["mlp", "prenorm_mlp"])
+@pytest.mark.parametrize("op", ["mlp", "prenorm_mlp", "prenorm_linear"])
 def test_backward_is_deterministic(op):
-    inputs, grad, fn, names = op_case(op, (2, 150, 48), 100)
+    inputs, grad, fn, _, names = op_case(op, (2, 150, 48), 100)
     first, second = run(fn, inputs, grad, names), run(fn, inputs, grad, names)
     for name in names:
         assert torch.equal(first[name], second[name]), f"{name} differs between two identical runs"
 
 
-@pytest.mark.parametrize("op", ["mlp", "prenorm_mlp"])
+@pytest.mark.parametrize("op", ["mlp", "prenorm_mlp", "prenorm_linear"])
 def test_independent_of_thread_count(op):
     """Rows are split between threads at chunk boundaries: out, pre (mean, rstd) and dx are bit for bit
     the same; the weight and vector gradients are summed over threads, so only close."""
-    inputs, grad, fn, names = op_case(op, (3, 100, 40), 72)
+    inputs, grad, fn, _, names = op_case(op, (3, 100, 40), 72)
     one = with_threads(1, lambda: run(fn, inputs, grad, names))
     two = with_threads(2, lambda: run(fn, inputs, grad, names))
     for name in names:
@@ -398,18 +433,20 @@ def test_prenorm_cpp_matches_reference(case):
     check_accuracy(*prenorm_case(*case))
 
 
-def test_prenorm_constant_rows():
+@pytest.mark.parametrize("op, projected", [("prenorm_mlp", "pre"), ("prenorm_linear", "out")])
+def test_prenorm_constant_rows(op, projected):
     """Rows of one value (exact float32 mean, variance 0): rstd = 1/sqrt(eps), the normalised row is the
-    norm's bias; every output and gradient finite and as accurate as elsewhere."""
-    inputs, grad, fn, ref, names = prenorm_case((97, 130), 257, eps=1e-6)
+    norm's bias (so fc1's output, or prenorm_linear's, is that of the bias); every output and gradient
+    finite and as accurate as elsewhere."""
+    inputs, grad, fn, ref, names = op_case(op, (97, 130), 257)  # eps 1e-6
     rows, levels = [0, 1, 50, 95, 96], torch.tensor([0.0, 1.5, -3.0, 7.25, 1.5])
     inputs[0][rows] = levels[:, None]
     kernel = check_accuracy(inputs, grad, fn, ref, names)
     assert all(t.isfinite().all() for t in kernel.values())
     assert torch.equal(kernel["mean"][rows], levels)
     torch.testing.assert_close(kernel["rstd"][rows], torch.full((5,), 1e3), rtol=1e-6, atol=0)
-    _, _, norm_bias, w1, b1, *_ = inputs
-    torch.testing.assert_close(kernel["pre"][rows], F.linear(norm_bias, w1, b1).expand(5, -1), rtol=1e-5, atol=1e-5)
+    _, _, norm_bias, w, b, *_ = inputs
+    torch.testing.assert_close(kernel[projected][rows], F.linear(norm_bias, w, b).expand(5, -1), rtol=1e-5, atol=1e-5)
 
 
 def test_prenorm_torch_backend_is_the_formula():
@@ -503,14 +540,29 @@ def test_prenorm_torch_compile_fullgraph():
         torch.testing.assert_close(got[name], expected[name], rtol=0, atol=0, msg=name)
 
 
+@contextlib.contextmanager
+def swapped(model, attr, module):
+    """model's submodule at the dotted path attr replaced by module for the duration."""
+    owner, _, name = attr.rpartition(".")
+    owner = model.get_submodule(owner)
+    original = getattr(owner, name)
+    setattr(owner, name, module)
+    try:
+        yield
+    finally:
+        setattr(owner, name, original)
+
+
 def test_model_block():
-    """Block's fused second half against the same block with every op on torch, and the conditions on
-    norm2 and mlp under which it falls back to x + mlp(norm2(x))."""
+    """Block's fused halves (prenorm_linear into attend, then prenorm_mlp) against the same block with
+    every op on torch, and the conditions on norm1 / attn.qkv and on norm2 / mlp under which each half
+    falls back to the modules themselves."""
     torch.manual_seed(0)
     block = Block(64, 4)
     with torch.no_grad():
-        block.norm2.weight.normal_(1, 0.5)
-        block.norm2.bias.normal_(0, 0.5)
+        for norm in (block.norm1, block.norm2):
+            norm.weight.normal_(1, 0.5)
+            norm.bias.normal_(0, 0.5)
     x, grad = torch.randn(2, 17, 64) * 2 + 1, torch.randn(2, 17, 64)
     names, params = zip(*block.named_parameters())
 
@@ -525,27 +577,173 @@ def test_model_block():
         return y + mlp_.fc2(F.gelu(mlp_.fc1(F.layer_norm(y, (64,), norm.weight, norm.bias, norm.eps))))
 
     fused, fused_grads = grads(block)
-    assert uses_kernel(fused, "prenorm_mlp")
+    assert uses_kernel(fused, "prenorm_linear") and uses_kernel(fused, "prenorm_mlp")
     with use_backend("torch"):
         unfused, unfused_grads = grads(block)
         assert torch.equal(unfused, by_hand(x)) and not uses_kernel(unfused, "prenorm_mlp")
+        assert not uses_kernel(unfused, "prenorm_linear")
     torch.testing.assert_close(fused, unfused, rtol=1e-5, atol=1e-5)
     for name, a, b in zip(("x", *names), fused_grads, unfused_grads, strict=True):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-4, msg=name)
-    # Not a LayerNorm with weight and bias, or not ops.mlp's function: Block runs x1 + mlp(norm2(x1)), with
-    # x1 the first half's output (norm2's input, caught by a hook: the fused path never calls norm2).
+    # First half: norm1 not a LayerNorm with weight and bias, or qkv without a bias: Block runs
+    # x + attn(norm1(x)), then the (still fused) second half.
+    norm, fc1, fc2 = block.norm2, block.mlp.fc1, block.mlp.fc2
+    for attr, module in (("norm1", nn.Identity()), ("norm1", nn.LayerNorm(64, bias=False)),
+                         ("attn.qkv", nn.Linear(64, 192, bias=False))):
+        with swapped(block, attr, module):
+            out = block(x)
+            x1 = x + block.attn(block.norm1(x))
+            expected = prenorm_mlp(x1, norm.weight, norm.bias, norm.eps, fc1.weight, fc1.bias, fc2.weight, fc2.bias)
+        assert torch.equal(out, expected), attr
+        assert not uses_kernel(out, "prenorm_linear") and uses_kernel(out, "prenorm_mlp"), attr
+    # Second half: not a LayerNorm with weight and bias, or not ops.mlp's function: Block runs
+    # x1 + mlp(norm2(x1)), with x1 the first half's output (norm2's input, caught by a hook: the fused
+    # path never calls norm2).
     swaps = [("norm2", nn.Identity(), lambda y: y + block.mlp(y), True),
              ("norm2", nn.LayerNorm(64, bias=False), lambda y: y + block.mlp(block.norm2(y)), True),
              ("mlp.act", nn.ReLU(), lambda y: y + block.mlp.fc2(F.relu(block.mlp.fc1(block.norm2(y)))), False)]
     for attr, module, expected, mlp_fused in swaps:
-        owner, _, name = attr.rpartition(".")
-        owner = block.get_submodule(owner)
-        original = getattr(owner, name)
-        setattr(owner, name, module)
-        seen = []
-        hook = block.norm2.register_forward_pre_hook(lambda _, args: seen.append(args[0]))
-        out = block(x)
-        hook.remove()
-        assert len(seen) == 1 and torch.equal(out, expected(seen[0])), attr
+        with swapped(block, attr, module):
+            seen = []
+            hook = block.norm2.register_forward_pre_hook(lambda _, args: seen.append(args[0]))
+            out = block(x)
+            hook.remove()
+            assert len(seen) == 1 and torch.equal(out, expected(seen[0])), attr
         assert not uses_kernel(out, "prenorm_mlp") and uses_kernel(out) == mlp_fused, attr
-        setattr(owner, name, original)
+        assert uses_kernel(out, "prenorm_linear"), attr
+
+
+# --------------------------------------------------------------------------- #
+# prenorm_linear: linear(layer_norm(x)), the pre-norm block's qkv projection
+# --------------------------------------------------------------------------- #
+# (x's shape, out_features, the LayerNorm's eps): out_features off the 16/32-column panels, the micro
+# preset's encoder and decoder qkv projections
+LINEAR_SHAPES = [((1, 3), 5, 1e-5), ((95, 17), 7, 1e-6), ((250, 16), 33, 1e-5), ((97, 130), 257, 1e-6),
+                 ((2, 101, 32), 96, 1e-5), ((64, 17, 128), 384, 1e-6), ((64, 65, 64), 192, 1e-6)]
+
+
+def linear(tensors, eps=1e-5, **kwargs):
+    """ops.prenorm_linear on make_linear_inputs's list."""
+    x, norm_weight, norm_bias, w, b = tensors
+    return prenorm_linear(x, norm_weight, norm_bias, eps, w, b, **kwargs)
+
+
+def linear_formula(x, norm_weight, norm_bias, w, b, eps=1e-5):
+    return F.linear(F.layer_norm(x, x.shape[-1:], norm_weight, norm_bias, eps), w, b)
+
+
+@pytest.mark.parametrize("case", LINEAR_SHAPES, ids=shape_id)
+def test_prenorm_linear_cpp_matches_reference(case):
+    """out, the rows' mean and 1/std, and the five gradients, against float64."""
+    check_accuracy(*linear_case(*case))
+
+
+def test_prenorm_linear_torch_backend_is_the_formula():
+    inputs, _ = make_linear_inputs((2, 9, 16), 24)
+    for tensors in (inputs, [t.double().requires_grad_(True) for t in inputs]):
+        out = linear(tensors, backend="torch")
+        assert out.shape == (2, 9, 24) and torch.equal(out, linear_formula(*tensors))
+        assert not uses_kernel(out, "prenorm_linear") and "mvmae_fast" not in type(out.grad_fn).__name__
+    cpp = linear([t.clone().requires_grad_(True) for t in inputs], backend="cpp")
+    assert cpp.shape == (2, 9, 24) and uses_kernel(cpp, "prenorm_linear") and not uses_kernel(cpp, "prenorm_mlp")
+
+
+def test_prenorm_linear_default_dispatch(monkeypatch):
+    inputs, _ = make_linear_inputs((2, 17, 32), 40)
+    leaves = [t.clone().requires_grad_(True) for t in inputs]
+    cpp, torch_out = linear(inputs, backend="cpp"), linear(inputs, backend="torch")
+    default = linear(leaves)
+    assert torch.equal(default, cpp) and uses_kernel(default, "prenorm_linear")
+    with use_backend("torch"):
+        forced = linear(leaves)
+    assert torch.equal(forced, torch_out) and not uses_kernel(forced, "prenorm_linear")
+    with use_backend("triton"), pytest.raises(UnsupportedBackendError, match="no triton implementation"):
+        linear(inputs)
+    # Under CPU autocast the default takes torch (a bfloat16 linear); a forced cpp runs in float32.
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        auto, forced, expected = linear(leaves), linear(leaves, backend="cpp"), linear_formula(*inputs)
+    assert auto.dtype == torch.bfloat16 and torch.equal(auto, expected) and not uses_kernel(auto, "prenorm_linear")
+    assert forced.dtype == torch.float32 and torch.equal(forced, cpp) and uses_kernel(forced, "prenorm_linear")
+    # float64: the default falls back to torch, a forced cpp raises (the public function and the raw op).
+    doubles = [t.double() for t in inputs]
+    assert torch.equal(linear(doubles), linear_formula(*doubles))
+    for context, kwargs in ((contextlib.nullcontext(), {"backend": "cpp"}), (use_backend("cpp"), {})):
+        with context, pytest.raises(UnsupportedBackendError, match="float32 only, got float64"):
+            linear(doubles, **kwargs)
+    x, norm_weight, norm_bias, w, b = doubles
+    with pytest.raises(UnsupportedBackendError, match="float32 only, got float64"):
+        torch.ops.mvmae_fast.prenorm_linear(x.view(-1, 32), norm_weight, norm_bias, 1e-5, w, b)
+    # The backward's scratch (linear_workspace_bytes, not mlp's workspace_bytes) against the limit.
+    need = mlp_pkg.linear_workspace_bytes(32, 40, torch.get_num_threads(), 34)
+    assert need < mlp_pkg.workspace_bytes(32, 40, torch.get_num_threads(), 34)
+    for limit, kernel in ((need, True), (need - 1, False), (0, False)):
+        monkeypatch.setattr(mlp_pkg, "MAX_CPP_WORKSPACE_BYTES", limit)
+        out = linear(leaves)
+        assert torch.equal(out, cpp if kernel else torch_out) and uses_kernel(out, "prenorm_linear") == kernel, limit
+    forced = linear(leaves, backend="cpp")  # still runs with the limit at 0
+    assert torch.equal(forced, cpp) and uses_kernel(forced, "prenorm_linear")
+
+
+@pytest.mark.parametrize("backend", ["torch", "cpp"])
+def test_prenorm_linear_validation(backend):
+    (x, norm_weight, norm_bias, w, b), _ = make_linear_inputs((2, 5, 8), 12)
+    cases = [((x, norm_weight, norm_bias, 1e-6, w[0], b), ValueError, r"w must have 2 dimensions"),
+             ((x, norm_weight, norm_bias, 1e-6, w, b[:5]), ValueError,
+              r"b must have shape \(12,\) to match w of shape \(12, 8\), got \(5,\)"),
+             ((x, norm_weight, norm_bias, 1e-6, w, b[None]), ValueError, r"b must have 1 dimensions"),
+             ((x, norm_weight, norm_bias, 1e-6, w[:, :7], b), ValueError,
+              r"x's last dimension must be D = 7 \(w has shape \(12, 7\)\), got shape \(2, 5, 8\)"),
+             ((x[..., :7], norm_weight, norm_bias, 1e-6, w, b), ValueError, "x's last dimension must be D = 8"),
+             ((x, norm_weight[:7], norm_bias, 1e-6, w, b), ValueError,
+              r"norm_weight must have shape \(8,\) to match x of shape \(2, 5, 8\), got \(7,\)"),
+             ((x, norm_weight, norm_bias[None], 1e-6, w, b), ValueError, "norm_bias must have 1 dimensions"),
+             ((x, norm_weight, torch.zeros(9), 1e-6, w, b), ValueError, r"norm_bias must have shape \(8,\)"),
+             ((x, norm_weight, norm_bias, -1e-5, w, b), ValueError, "eps must be a number >= 0, got -1e-05"),
+             ((x.tolist(), norm_weight, norm_bias, 1e-6, w, b), TypeError, "x must be a torch.Tensor, got list"),
+             ((x, norm_weight, norm_bias, 1e-6, w.numpy(), b), TypeError, "w must be a torch.Tensor"),
+             ((x.int(), norm_weight, norm_bias, 1e-6, w, b), TypeError, "x must be a floating-point"),
+             ((x, norm_weight, norm_bias, 1e-6, w[:0], b[:0]), ValueError, "w has an empty dimension")]
+    for args, error, message in cases:
+        with pytest.raises(error, match=message):
+            prenorm_linear(*args, backend=backend)
+
+
+def test_prenorm_linear_custom_op_validation():
+    (x, norm_weight, norm_bias, w, b), grad = make_linear_inputs((10, 8), 12)
+    with pytest.raises(ValueError, match=r"prenorm_linear takes x as \(M, D\), got shape \(2, 5, 8\)"):
+        torch.ops.mvmae_fast.prenorm_linear(x.view(2, 5, 8), norm_weight, norm_bias, 1e-6, w, b)
+    _, mean, rstd = torch.ops.mvmae_fast.prenorm_linear(x, norm_weight, norm_bias, 1e-6, w, b)
+    args = (grad, x, mean, rstd, norm_weight, norm_bias, w)
+    bad = [((grad[:9], *args[1:]), r"prenorm_linear_backward: grad_out must have shape \(10, 12\), got \(9, 12\)"),
+           ((grad[:, :8], *args[1:]), r"prenorm_linear_backward: grad_out must have shape \(10, 12\), got \(10, 8\)"),
+           ((*args[:2], mean[:9], *args[3:]), r"prenorm_linear_backward: mean must have shape \(10,\), got \(9,\)"),
+           ((*args[:3], torch.ones(11), *args[4:]),
+            r"prenorm_linear_backward: rstd must have shape \(10,\), got \(11,\)"),
+           ((*args[:3], rstd[:, None], *args[4:]), r"rstd must have 1 dimensions \(M,\)"),
+           ((*args[:5], norm_bias[:7], w), r"norm_bias must have shape \(8,\)"),
+           ((*args[:6], w[:, :7]), "x's last dimension must be D = 7"),
+           ((grad, x.view(2, 5, 8), *args[2:]), r"x must have 2 dimensions \(M, D\)")]
+    for call, message in bad:
+        with pytest.raises(ValueError, match=message):
+            torch.ops.mvmae_fast.prenorm_linear_backward(*call)
+
+
+def test_prenorm_linear_opcheck():
+    (x, norm_weight, norm_bias, w, b), grad = make_linear_inputs((37, 20), 45)
+    leaves = [t.clone().requires_grad_(True) for t in (x, norm_weight, norm_bias, w, b)]
+    torch.library.opcheck(torch.ops.mvmae_fast.prenorm_linear.default, (*leaves[:3], 1e-5, *leaves[3:]))
+    _, mean, rstd = torch.ops.mvmae_fast.prenorm_linear(x, norm_weight, norm_bias, 1e-5, w, b)
+    torch.library.opcheck(torch.ops.mvmae_fast.prenorm_linear_backward.default,
+                          (grad, x, mean, rstd, norm_weight, norm_bias, w))
+
+
+def test_prenorm_linear_torch_compile_fullgraph():
+    """The kernel under torch.compile (out, mean, rstd, gradients) bit for bit as eager; and the default
+    dispatch traces without a graph break and still picks the kernel."""
+    inputs, grad, fn, _, names = linear_case((2, 7, 16), 24, eps=1e-5)
+    got = run(torch.compile(fn, fullgraph=True), inputs, grad, names)
+    expected = run(fn, inputs, grad, names)
+    for name in names:
+        torch.testing.assert_close(got[name], expected[name], rtol=0, atol=0, msg=name)
+    default = torch.compile(lambda *tensors: linear(tensors), fullgraph=True)(*inputs)
+    torch.testing.assert_close(default, linear(inputs, backend="cpp"), rtol=0, atol=0)

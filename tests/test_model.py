@@ -346,3 +346,48 @@ def test_model_with_block_masking_trains():
     out.loss.backward()
     with pytest.raises(NotImplementedError, match="attention"):
         MVMAEConfig(masking="attention")
+
+
+@pytest.mark.parametrize("stock", [True, False], ids=["fused", "custom-attention"])
+def test_block_forward_rows_equals_gathered_forward(stock):
+    """Block.forward_rows (MAE's last decoder block on the removed rows only) = forward, then the rows;
+    values and every gradient. A non-stock attention module falls back to forward + gather."""
+    from mvmae_fast.models.layers import Block
+
+    torch.manual_seed(0)
+    block = Block(32, 4)
+    if not stock:
+        inner = block.attn
+        block.attn = torch.nn.Sequential(inner)  # same function, not the stock Attention type
+    x = torch.randn(3, 17, 32)
+    rows = torch.stack([torch.randperm(17)[:11] for _ in range(3)])
+    grad = torch.randn(3, 11, 32)
+
+    def run(fn):
+        block.zero_grad()
+        xx = x.clone().requires_grad_(True)
+        out = fn(xx)
+        out.backward(grad)
+        return [out.detach(), xx.grad] + [p.grad.clone() for p in block.parameters()]
+
+    full = run(lambda t: block(t).gather(1, rows.unsqueeze(-1).expand(-1, -1, 32)))
+    part = run(lambda t: block.forward_rows(t, rows))
+    for a, b in zip(full, part):
+        torch.testing.assert_close(b, a, rtol=1e-5, atol=2e-6)
+
+
+def test_training_forward_matches_full_prediction_path():
+    """return_pred=False (the last decoder block on the removed rows only) gives the loss and the
+    gradients of the full path (every token decoded, then the removed rows gathered)."""
+    torch.manual_seed(0)
+    model = MVMAE(MVMAEConfig(**{**TINY_CONFIG, "dec_depth": 2}))
+    imgs = torch.randn(4, 2, 3, 32, 32)
+    results = []
+    for return_pred in (False, True):
+        model.zero_grad()
+        out = model(imgs, seed=5, return_pred=return_pred)
+        out.loss.backward()
+        results.append([out.loss.detach()] + [p.grad.clone() for p in model.parameters() if p.grad is not None])
+    assert len(results[0]) == len(results[1])
+    for a, b in zip(*results):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)

@@ -69,16 +69,33 @@ class Block(nn.Module):
         self.norm2 = nn.LayerNorm(dim, eps=norm_eps)
         self.mlp = Mlp(dim, int(dim * mlp_ratio))
 
+    # Each half runs as fused ops when its modules are the stock ones (LayerNorm fused into the next
+    # linear, the MLP with its residual: fused on the CPU in float32, elsewhere the plain modules'
+    # computation); otherwise the modules themselves run.
     def forward(self, x):
-        # Each half as fused ops when its modules are the stock ones (the ops fuse LayerNorm into the
-        # next linear, and the MLP with its residual, on the CPU in float32; elsewhere they are the
-        # plain modules' computation); otherwise the modules themselves.
-        norm, attn = self.norm1, self.attn
-        if _plain_layer_norm(norm) and type(attn) is Attention and attn.qkv.bias is not None:
-            x = x + attn.attend(ops.prenorm_linear(x, norm.weight, norm.bias, norm.eps, attn.qkv.weight,
-                                                   attn.qkv.bias))
+        if type(self.attn) is Attention:
+            x = x + self.attn.attend(self._qkv(x))
         else:
-            x = x + attn(norm(x))
+            x = x + self.attn(self.norm1(x))
+        return self._second_half(x)
+
+    def forward_rows(self, x, rows, *, check_indices=True):
+        """``forward(x)`` at rows ``rows`` (B, M) of each sample only, (B, N, D) -> (B, M, D): attention
+        still reads every row's keys and values, but its projection, the residual and the MLP run on
+        the M rows (MAE's last decoder block, whose other outputs the loss never reads)."""
+        gather = lambda t: ops.gather_rows(t, rows, check_indices=check_indices)  # noqa: E731
+        if type(self.attn) is not Attention:
+            return gather(self(x))
+        attended = ops.attention(self._qkv(x), self.attn.num_heads)
+        return self._second_half(gather(x) + self.attn.proj(gather(attended)))
+
+    def _qkv(self, x):
+        norm, qkv = self.norm1, self.attn.qkv
+        if _plain_layer_norm(norm) and qkv.bias is not None:
+            return ops.prenorm_linear(x, norm.weight, norm.bias, norm.eps, qkv.weight, qkv.bias)
+        return qkv(norm(x))
+
+    def _second_half(self, x):
         norm, mlp = self.norm2, self.mlp
         if _plain_layer_norm(norm) and type(mlp) is Mlp and mlp.fusable():
             return ops.prenorm_mlp(x, norm.weight, norm.bias, norm.eps, mlp.fc1.weight, mlp.fc1.bias,

@@ -222,13 +222,21 @@ class MVMAE(nn.Module):
             x = block(x)
         return self.norm(x)
 
-    def _decoder_tokens(self, latent, ids_restore):
-        """The decoder's output tokens (B, L, Dd) in patch order, cls dropped."""
+    def _decoder_tokens(self, latent, ids_restore, rows=None):
+        """The decoder's output tokens (B, L, Dd) in patch order, cls dropped; with ``rows`` (B, M)
+        (patch indices, ours), only those tokens (B, M, Dd): the last block then runs its
+        projection and MLP on those rows alone."""
         x = ops.decoder_unshuffle(self.decoder_embed(latent), ids_restore, self.mask_token, self.decoder_pos_embed,
                                   check_indices=False)
-        for block in self.decoder_blocks:
+        blocks = list(self.decoder_blocks)
+        if rows is None or not blocks:
+            for block in blocks:
+                x = block(x)
+            x = x[:, 1:]
+            return x if rows is None else ops.gather_rows(x, rows, check_indices=False)
+        for block in blocks[:-1]:
             x = block(x)
-        return x[:, 1:]
+        return blocks[-1].forward_rows(x, rows + 1, check_indices=False)  # + 1: the cls token leads
 
     def _predict(self, tokens):
         return self.decoder_pred(self.decoder_norm(tokens))
@@ -254,15 +262,14 @@ class MVMAE(nn.Module):
         masks = self._masks(V * B, c.mask_ratio if mask_ratio is None else mask_ratio, noise, seed, imgs.device)
         keep = masks.ids_keep.shape[1]
         latent = self._encode(inputs.reshape(V * B, *inputs.shape[2:]), masks.ids_keep)
-        tokens = self._decoder_tokens(latent, masks.ids_restore)
         ids_removed = removed_ids(masks.ids_restore, keep)
         pred = None
         if return_pred:
-            pred = self._predict(tokens)
+            pred = self._predict(self._decoder_tokens(latent, masks.ids_restore))
             pred_rows = ops.gather_rows(pred, ids_removed, check_indices=False)
             pred = pred.view(V, B, *pred.shape[1:])
         else:
-            pred_rows = self._predict(ops.gather_rows(tokens, ids_removed, check_indices=False))
+            pred_rows = self._predict(self._decoder_tokens(latent, masks.ids_restore, ids_removed))
         # Both views' losses in one launch; the target patches are read from the images directly.
         loss_rec = ops.masked_recon_loss_rows(pred_rows, targets.expand(V, *targets.shape[1:]), ids_removed,
                                               c.patch_size, c.norm_pix_loss, views=V, check_indices=False)

@@ -81,12 +81,18 @@ def workspace_bytes(dim, hidden, threads, rows):
     return 4 * (2 * hp * dp + slots * per_slot)
 
 
+@torch.compiler.assume_constant_result
+def _threads():
+    """torch's thread count; a constant to torch.compile (which cannot trace the call itself)."""
+    return torch.get_num_threads()
+
+
 def _automatic_refusals(x, w1):
     """Why the automatic choice passes over a cpp kernel that could run (a forced cpp still runs)."""
     if torch.is_autocast_enabled("cpu"):
         return ["CPU autocast is on (its bfloat16 linears are faster than the float32 kernel)"]
     hidden, dim = w1.shape
-    need = workspace_bytes(dim, hidden, torch.get_num_threads(), x.numel() // dim)
+    need = workspace_bytes(dim, hidden, _threads(), x.numel() // dim)
     if need > MAX_CPP_WORKSPACE_BYTES:
         return [f"its backward would keep {need / 2**20:.0f} MiB of scratch"]
     return []
@@ -339,8 +345,10 @@ def prenorm_mlp(x, norm_weight, norm_bias, eps, w1, b1, w2, b2, *, backend=None)
 def _check_linear(x, w, b):
     if not isinstance(x, torch.Tensor):
         raise TypeError(f"x must be a torch.Tensor, got {type(x).__name__}")
-    if x.dim() < 1 or x.dtype not in _DTYPES:
-        raise ValueError(f"x must be a floating-point (..., D) tensor, got {x.dtype} of shape {tuple(x.shape)}")
+    if x.dtype not in _DTYPES:
+        raise TypeError(f"x must be a floating-point tensor, got {x.dtype}")
+    if x.dim() < 1:
+        raise ValueError("x must have at least one dimension (..., D)")
     check_tensor("w", w, 2, _DTYPES, "(out_features, D)")
     check_tensor("b", b, 1, _DTYPES, "(out_features,)")
     if w.numel() == 0:
@@ -465,7 +473,7 @@ def prenorm_linear(x, norm_weight, norm_bias, eps, w, b, *, backend=None):
         if backend or backends.requested_backend()[0] is not None:
             _raise_if_refused(*tensors)
         elif (_kernel_refusals(*tensors) or torch.is_autocast_enabled("cpu")
-              or linear_workspace_bytes(x.shape[-1], w.shape[0], torch.get_num_threads(), x.numel() // x.shape[-1])
+              or linear_workspace_bytes(x.shape[-1], w.shape[0], _threads(), x.numel() // x.shape[-1])
               > MAX_CPP_WORKSPACE_BYTES):
             name = "torch"
     if name == "torch":
