@@ -186,8 +186,8 @@ MVF_INLINE void row_stats(const float* x, int64_t n, float eps, float& mean, flo
 }
 
 // dst = (x - mean) * rstd * gamma + beta over a row of n, zero from n to the padded width np.
-MVF_INLINE void norm_row(const float* x, int64_t n, int64_t np, const float* gamma, const float* beta, float mean,
-                         float rstd, float* dst) {
+MVF_INLINE void norm_row(const float* __restrict x, int64_t n, int64_t np, const float* __restrict gamma,
+                         const float* __restrict beta, float mean, float rstd, float* __restrict dst) {
   for (int64_t d = 0; d < n; ++d) dst[d] = (x[d] - mean) * rstd * gamma[d] + beta[d];
   for (int64_t d = n; d < np; ++d) dst[d] = 0.0f;
 }
@@ -195,8 +195,9 @@ MVF_INLINE void norm_row(const float* x, int64_t n, int64_t np, const float* gam
 // LayerNorm's backward for one row, from dxn (the gradient of the normalised row): with
 // xhat = (x - mean) rstd and g = dxn gamma, dx = rstd (g - mean(g) - xhat mean(g xhat)) (+ res);
 // dgamma += dxn xhat, dbeta += dxn.
-MVF_INLINE void norm_backward_row(const float* x, const float* dxn, int64_t D, float mean, float rstd,
-                                  const float* gamma, const float* res, float* dx, float* dgamma, float* dbeta) {
+MVF_INLINE void norm_backward_row(const float* __restrict x, const float* __restrict dxn, int64_t D, float mean,
+                                  float rstd, const float* __restrict gamma, const float* __restrict res,
+                                  float* __restrict dx, float* __restrict dgamma, float* __restrict dbeta) {
   const float sum_g = vector_sum(D, [&](int64_t d, int64_t n) { return load_lanes(dxn + d, n) * load_lanes(gamma + d, n); });
   const float sum_gx = vector_sum(D, [&](int64_t d, int64_t n) {
     const vec16 xhat = (load_lanes(x + d, n) - mean) * rstd;
@@ -205,12 +206,12 @@ MVF_INLINE void norm_backward_row(const float* x, const float* dxn, int64_t D, f
   const float c1 = sum_gx / static_cast<float>(D), c2 = sum_g / static_cast<float>(D);
   for (int64_t d = 0; d < D; ++d) {
     const float xhat = (x[d] - mean) * rstd;
-    float v = rstd * (dxn[d] * gamma[d] - c2 - xhat * c1);
-    if (res) v += res[d];
-    dx[d] = v;
+    dx[d] = rstd * (dxn[d] * gamma[d] - c2 - xhat * c1);
     dgamma[d] += dxn[d] * xhat;
     dbeta[d] += dxn[d];
   }
+  if (res)
+    for (int64_t d = 0; d < D; ++d) dx[d] += res[d];
 }
 
 // fc1's input rows for a chunk into dst (R x np, zero padded): LayerNorm(x) when the args have a
