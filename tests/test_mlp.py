@@ -747,3 +747,28 @@ def test_prenorm_linear_torch_compile_fullgraph():
         torch.testing.assert_close(got[name], expected[name], rtol=0, atol=0, msg=name)
     default = torch.compile(lambda *tensors: linear(tensors), fullgraph=True)(*inputs)
     torch.testing.assert_close(default, linear(inputs, backend="cpp"), rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("op", ["mlp", "prenorm_mlp", "prenorm_linear"])
+def test_no_rows(op):
+    """Zero rows: an empty output and exactly zero parameter gradients (the kernel's accumulators are
+    never touched by a chunk, so nothing but its zero fill may reach the outputs)."""
+    D, H = 8, 16
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(3, 0, D, generator=g).requires_grad_(True)
+    norm = [torch.randn(D, generator=g).requires_grad_(True) for _ in range(2)]
+    w1, b1 = torch.randn(H, D, generator=g).requires_grad_(True), torch.randn(H, generator=g).requires_grad_(True)
+    w2, b2 = torch.randn(D, H, generator=g).requires_grad_(True), torch.randn(D, generator=g).requires_grad_(True)
+    if op == "mlp":
+        params = [w1, b1, w2, b2]
+        out = mlp(x, *params, backend="cpp")
+    elif op == "prenorm_mlp":
+        params = [*norm, w1, b1, w2, b2]
+        out = prenorm_mlp(x, *norm, 1e-6, w1, b1, w2, b2, backend="cpp")
+    else:
+        params = [*norm, w1, b1]
+        out = prenorm_linear(x, *norm, 1e-6, w1, b1, backend="cpp")
+    assert out.shape == (3, 0, H if op == "prenorm_linear" else D)
+    grads = torch.autograd.grad(out.sum(), params)
+    for grad, param in zip(grads, params):
+        assert torch.equal(grad, torch.zeros_like(param))

@@ -294,7 +294,8 @@ MVF_INLINE void backward_rows(const MlpArgs& a, int64_t r0, int64_t r1, float* s
   // are): one running sum over all of a thread's rows would lose ~sqrt(rows) ulps.
   float* chunk_sums = dbeta + dp;     // db1, db2, dgamma, dbeta of the current chunk
   const int64_t vectors = hp + 3 * dp;
-  std::fill(dw1, chunk_sums, 0.0f);
+  // The first chunk stores the weight gradients (no zero fill, no read of the accumulators).
+  std::fill(r0 < r1 ? db1 : dw1, chunk_sums, 0.0f);
   for (int64_t c = r0; c < r1; c += kChunk) {
     const int64_t R = std::min(kChunk, r1 - c);
     std::fill(chunk_sums, chunk_sums + vectors, 0.0f);
@@ -320,8 +321,13 @@ MVF_INLINE void backward_rows(const MlpArgs& a, int64_t r0, int64_t r1, float* s
       for (int64_t d = 0; d < D; ++d) cb2[d] += dyr[d];
     }
     input_rows(a, c, R, dp, false, xc);
-    T::template gemm<MR, true, kAccumulate>(dy, D, act, T::NR, hp, dw2, hp, D, hp, R, nullptr, nullptr);  // dY^T A
-    T::template gemm<MR, true, kAccumulate>(g, hp, xc, T::NR, dp, dw1, dp, Hd, dp, R, nullptr, nullptr);  // G^T x
+    if (c == r0) {
+      T::template gemm<MR, true, kStore>(dy, D, act, T::NR, hp, dw2, hp, D, hp, R, nullptr, nullptr);  // dY^T A
+      T::template gemm<MR, true, kStore>(g, hp, xc, T::NR, dp, dw1, dp, Hd, dp, R, nullptr, nullptr);  // G^T x
+    } else {
+      T::template gemm<MR, true, kAccumulate>(dy, D, act, T::NR, hp, dw2, hp, D, hp, R, nullptr, nullptr);
+      T::template gemm<MR, true, kAccumulate>(g, hp, xc, T::NR, dp, dw1, dp, Hd, dp, R, nullptr, nullptr);
+    }
     if (!a.gamma) {  // dx = G W1 (+ dY)
       T::template gemm<MR, false, kStore>(g, hp, a.w1, Hd * T::NR, T::NR, a.dx + c * D, D, R, D, Hd, nullptr,
                                           a.residual ? dy : nullptr);
@@ -373,7 +379,7 @@ MVF_INLINE void linear_backward_rows(const MlpArgs& a, int64_t r0, int64_t r1, f
   float* db = dw + Hd * dp;          // hp, then dgamma, dbeta (dp each)
   float* chunk_sums = db + hp + 2 * dp;
   const int64_t vectors = hp + 2 * dp;
-  std::fill(dw, chunk_sums, 0.0f);
+  std::fill(r0 < r1 ? db : dw, chunk_sums, 0.0f);  // the first chunk stores dW (as in backward_rows)
   for (int64_t c = r0; c < r1; c += kChunk) {
     const int64_t R = std::min(kChunk, r1 - c);
     std::fill(chunk_sums, chunk_sums + vectors, 0.0f);
@@ -383,7 +389,8 @@ MVF_INLINE void linear_backward_rows(const MlpArgs& a, int64_t r0, int64_t r1, f
     for (int64_t r = 0; r < R; ++r)
       for (int64_t j = 0; j < Hd; ++j) chunk_sums[j] += dy[r * Hd + j];
     input_rows(a, c, R, dp, false, xc);
-    T::template gemm<MR, true, kAccumulate>(dy, Hd, xc, T::NR, dp, dw, dp, Hd, dp, R, nullptr, nullptr);  // dY^T xn
+    if (c == r0) T::template gemm<MR, true, kStore>(dy, Hd, xc, T::NR, dp, dw, dp, Hd, dp, R, nullptr, nullptr);  // dY^T xn
+    else T::template gemm<MR, true, kAccumulate>(dy, Hd, xc, T::NR, dp, dw, dp, Hd, dp, R, nullptr, nullptr);
     T::template gemm<MR, false, kStore>(dy, Hd, a.w1, Hd * T::NR, T::NR, dxn, dp, R, D, Hd, nullptr, nullptr);
     for (int64_t r = 0; r < R; ++r)
       norm_backward_row(a.x + (c + r) * D, dxn + r * dp, D, a.mean[c + r], a.rstd[c + r], a.gamma, nullptr,
@@ -471,6 +478,7 @@ template <class Fn>
 void for_each_slot(int64_t rows, int64_t slots, int threads, const Fn& fn) {
   const int64_t chunks = (rows + kChunk - 1) / kChunk;
   parallel_for(slots, 1, threads, [&](int64_t s0, int64_t s1) {
+    const FlushDenormals flush;
     for (int64_t s = s0; s < s1; ++s) {
       const int64_t c0 = chunks * s / slots, c1 = chunks * (s + 1) / slots;
       fn(s, c0 * kChunk, std::min(rows, c1 * kChunk));

@@ -10,6 +10,10 @@
 #include <cstdint>
 #include <cstring>
 
+#if defined(__SSE__) || defined(__x86_64__)
+#include <xmmintrin.h>
+#endif
+
 #if defined(__GNUC__) && defined(__x86_64__) && !defined(__clang__) && defined(__linux__)
 #define MVF_CPU_CLONES __attribute__((target_clones("arch=x86-64-v4", "arch=x86-64-v3", "default")))
 #else
@@ -112,6 +116,20 @@ MVF_INLINE float exp_nonpositive(float x) {
   const uint32_t scale = static_cast<uint32_t>(static_cast<int32_t>(n) + 127) << 23;
   return p * bits_to_float(scale);
 }
+
+// Flush-to-zero and denormals-are-zero on this thread while in scope (x86; elsewhere nothing). GELU's
+// tails (exp(-x^2 / 2) for |x| > ~12) and products with them reach subnormal floats, and every
+// arithmetic instruction on a subnormal takes a microcode assist (~100x slower): a few such values in
+// an MLP's hidden activations made its GEMMs tens of times slower. The fused layers (mlp.cpp) hold
+// one per worker; values below 1.2e-38 become 0 there. (Attention does not: its outputs keep
+// subnormal values of v exactly, and its exp clamps at e^-87, a normal float.)
+struct FlushDenormals {
+#if defined(__SSE__) || defined(__x86_64__)
+  unsigned saved = _mm_getcsr();
+  FlushDenormals() { _mm_setcsr(saved | 0x8040u); }  // FTZ (bit 15) and DAZ (bit 6)
+  ~FlushDenormals() { _mm_setcsr(saved); }
+#endif
+};
 
 // Sixteen floats as one value (GCC/Clang vector extensions): one zmm register in the AVX-512 clone,
 // two ymm in the AVX2 clone (12 accumulators + operands fit its 16 registers), four xmm in the
