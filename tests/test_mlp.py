@@ -772,3 +772,20 @@ def test_no_rows(op):
     grads = torch.autograd.grad(out.sum(), params)
     for grad, param in zip(grads, params):
         assert torch.equal(grad, torch.zeros_like(param))
+
+
+def test_block_under_forced_triton_uses_plain_modules():
+    """The fused layer ops have no triton backend: with triton forced (attention then runs its Triton
+    kernel, here under the interpreter), Block runs its plain modules instead of raising."""
+    torch.manual_seed(0)
+    block = Block(16, 2)
+    x = torch.randn(1, 5, 16, requires_grad=True)
+    with use_backend("triton"):
+        out = block(x)
+    names = graph_names(out)
+    assert not any(op in name for name in names for op in ("mlp_default", "prenorm_mlp", "prenorm_linear"))
+    with use_backend("torch"):
+        expected = block(x)
+    torch.testing.assert_close(out, expected, rtol=1e-5, atol=1e-5)
+    with use_backend("triton"), pytest.raises(UnsupportedBackendError, match="no triton implementation"):
+        mlp(x, block.mlp.fc1.weight, block.mlp.fc1.bias, block.mlp.fc2.weight, block.mlp.fc2.bias)

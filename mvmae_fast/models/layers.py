@@ -3,7 +3,7 @@
 import torch
 from torch import nn
 
-from .. import ops
+from .. import backends, ops
 
 
 class PatchEmbed(nn.Module):
@@ -54,7 +54,7 @@ class Mlp(nn.Module):
                 and self.fc2.bias is not None)
 
     def forward(self, x):
-        if self.fusable():
+        if self.fusable() and _fused_layers_allowed():
             return ops.mlp(x, self.fc1.weight, self.fc1.bias, self.fc2.weight, self.fc2.bias)
         return self.fc2(self.act(self.fc1(x)))
 
@@ -91,16 +91,22 @@ class Block(nn.Module):
 
     def _qkv(self, x):
         norm, qkv = self.norm1, self.attn.qkv
-        if _plain_layer_norm(norm) and qkv.bias is not None:
+        if _plain_layer_norm(norm) and qkv.bias is not None and _fused_layers_allowed():
             return ops.prenorm_linear(x, norm.weight, norm.bias, norm.eps, qkv.weight, qkv.bias)
         return qkv(norm(x))
 
     def _second_half(self, x):
         norm, mlp = self.norm2, self.mlp
-        if _plain_layer_norm(norm) and type(mlp) is Mlp and mlp.fusable():
+        if _plain_layer_norm(norm) and type(mlp) is Mlp and mlp.fusable() and _fused_layers_allowed():
             return ops.prenorm_mlp(x, norm.weight, norm.bias, norm.eps, mlp.fc1.weight, mlp.fc1.bias,
                                    mlp.fc2.weight, mlp.fc2.bias)
         return x + mlp(norm(x))
+
+
+def _fused_layers_allowed():
+    """The fused layer ops have torch and cpp backends only: under a forced triton backend (for the
+    ops that have one) the model runs its plain modules instead, which compute the same."""
+    return backends.requested_backend()[0] in (None, "torch", "cpp")
 
 
 def _plain_layer_norm(norm):
