@@ -29,15 +29,15 @@ void attention_backward_cpu(const void* grad_out, const void* qkv, const void* o
                             int64_t head_dim, int64_t row_stride, int64_t batch_stride, int threads);
 
 // The transformer MLP fc2(gelu(fc1(x))) fused, float32: x (rows, dim), w1 (hidden, dim), b1 (hidden),
-// w2 (dim, hidden), b2 (dim); pre (rows, hidden) = fc1's output is written for the backward; all
-// contiguous. With norm_weight / norm_bias (dim) non-null, fc1 reads LayerNorm(x) (eps; mean and rstd
-// (rows) are written, and read back by the backward); with residual, out = x + mlp(...). The
-// backward writes dnorm_weight / dnorm_bias when the norm is there.
+// w2 (dim, hidden), b2 (dim), out (rows, dim); all contiguous. Nothing of the hidden layer is kept: the
+// backward recomputes fc1. With norm_weight / norm_bias (dim) non-null, fc1 reads LayerNorm(x) (eps;
+// mean and rstd (rows) are written, and read back by the backward); with residual, out = x + mlp(...).
+// The backward writes dnorm_weight / dnorm_bias when the norm is there.
 void mlp_forward_cpu(const float* x, const float* w1, const float* b1, const float* w2, const float* b2,
-                     const float* norm_weight, const float* norm_bias, float eps, bool residual, float* pre,
-                     float* out, float* mean, float* rstd, int64_t rows, int64_t dim, int64_t hidden, int threads);
-void mlp_backward_cpu(const float* grad_out, const float* x, const float* pre, const float* mean, const float* rstd,
-                      const float* norm_weight, const float* norm_bias, bool residual, const float* w1,
+                     const float* norm_weight, const float* norm_bias, float eps, bool residual, float* out,
+                     float* mean, float* rstd, int64_t rows, int64_t dim, int64_t hidden, int threads);
+void mlp_backward_cpu(const float* grad_out, const float* x, const float* mean, const float* rstd,
+                      const float* norm_weight, const float* norm_bias, bool residual, const float* w1, const float* b1,
                       const float* w2, float* dx, float* dw1, float* db1, float* dw2, float* db2, float* dnorm_weight,
                       float* dnorm_bias, int64_t rows, int64_t dim, int64_t hidden, int threads);
 // LayerNorm then one Linear, float32: out (rows, out_dim) = LN(x) w^T + b, w (out_dim, dim); mean and

@@ -3,7 +3,7 @@ fused float32 C++ CPU kernel (csrc/cpu/mlp.cpp), and the model's Mlp layer that 
 mvmae_fast.ops.prenorm_mlp, x + mlp(layer_norm(x)) in one kernel, and the model's Block that calls it.
 
 Accuracy criterion (as in test_attention.py): against a float64 reference, the kernel's maximum error in
-the output, in pre = fc1(x) and in each of the five gradients must be at most twice that of PyTorch's own
+the output (and prenorm's row statistics) and in each gradient must be at most twice that of PyTorch's own
 float32 F.linear / F.gelu on the same inputs, plus a floor of one float32 epsilon at the reference's
 largest magnitude (at least 1) plus 1e-6. The vector gradients are summed per 96-row chunk and then
 chunk by chunk, so they meet the criterion on long inputs too (test_bias_gradients_on_long_inputs).
@@ -32,8 +32,8 @@ from mvmae_fast.ops.mlp import reference
 
 mlp_pkg = importlib.import_module("mvmae_fast.ops.mlp")  # the package: the attribute is the function
 
-NAMES = ("out", "pre", "dx", "dw1", "db1", "dw2", "db2")
-PRENORM_NAMES = ("out", "pre", "mean", "rstd", "dx", "dnorm_weight", "dnorm_bias", "dw1", "db1", "dw2", "db2")
+NAMES = ("out", "dx", "dw1", "db1", "dw2", "db2")
+PRENORM_NAMES = ("out", "mean", "rstd", "dx", "dnorm_weight", "dnorm_bias", "dw1", "db1", "dw2", "db2")
 LINEAR_NAMES = ("out", "mean", "rstd", "dx", "dnorm_weight", "dnorm_bias", "dw", "db")
 EPS = torch.finfo(torch.float32).eps
 
@@ -60,17 +60,13 @@ def make_inputs(shape, hidden, scale=1.0, seed=0):
 
 
 def ref_mlp(x, w1, b1, w2, b2):
-    """(out, pre) with plain torch ops, in the inputs' precision."""
-    pre = F.linear(x, w1, b1)
-    return F.linear(F.gelu(pre), w2, b2), pre
+    """(out,) with plain torch ops, in the inputs' precision."""
+    return (F.linear(F.gelu(F.linear(x, w1, b1)), w2, b2),)
 
 
 def cpp_mlp(x, w1, b1, w2, b2):
-    """(out, pre): out through ops.mlp (autograd), pre from the raw custom op."""
-    out = mlp(x, w1, b1, w2, b2, backend="cpp")
-    with torch.no_grad():
-        _, pre = torch.ops.mvmae_fast.mlp(x.reshape(-1, x.shape[-1]), w1, b1, w2, b2)
-    return out, pre.view(*x.shape[:-1], -1)
+    """(out,) through ops.mlp (autograd)."""
+    return (mlp(x, w1, b1, w2, b2, backend="cpp"),)
 
 
 def make_prenorm_inputs(shape, hidden, seed=0):
@@ -83,20 +79,20 @@ def make_prenorm_inputs(shape, hidden, seed=0):
 
 
 def ref_prenorm(x, norm_weight, norm_bias, w1, b1, w2, b2, eps=1e-6):
-    """(out, pre, mean, rstd) with plain torch ops, in the inputs' precision."""
+    """(out, mean, rstd) with plain torch ops, in the inputs' precision."""
     var, mean = torch.var_mean(x, -1, correction=0)
-    out, pre = ref_mlp(F.layer_norm(x, x.shape[-1:], norm_weight, norm_bias, eps), w1, b1, w2, b2)
-    return x + out, pre, mean, (var + eps).rsqrt()
+    (out,) = ref_mlp(F.layer_norm(x, x.shape[-1:], norm_weight, norm_bias, eps), w1, b1, w2, b2)
+    return x + out, mean, (var + eps).rsqrt()
 
 
 def cpp_prenorm(x, norm_weight, norm_bias, w1, b1, w2, b2, eps=1e-6):
-    """(out, pre, mean, rstd): out through ops.prenorm_mlp (autograd), the rest from the raw custom op."""
+    """(out, mean, rstd): out through ops.prenorm_mlp (autograd), the rest from the raw custom op."""
     out = prenorm_mlp(x, norm_weight, norm_bias, eps, w1, b1, w2, b2, backend="cpp")
     with torch.no_grad():
-        _, pre, mean, rstd = torch.ops.mvmae_fast.prenorm_mlp(x.reshape(-1, x.shape[-1]), norm_weight, norm_bias,
-                                                              eps, w1, b1, w2, b2)
+        _, mean, rstd = torch.ops.mvmae_fast.prenorm_mlp(x.reshape(-1, x.shape[-1]), norm_weight, norm_bias, eps,
+                                                         w1, b1, w2, b2)
     lead = x.shape[:-1]
-    return out, pre.view(*lead, -1), mean.view(lead), rstd.view(lead)
+    return out, mean.view(lead), rstd.view(lead)
 
 
 def prenorm_case(shape, hidden, eps=1e-6, seed=0):
@@ -143,8 +139,8 @@ def op_case(op, shape, hidden):
 
 
 def run(fn, inputs, grad, names=NAMES):
-    """{'out', 'pre', 'dx', 'dw1', 'db1', 'dw2', 'db2'} for fn(*inputs) -> (out, pre); with
-    PRENORM_NAMES, fn returns (out, pre, mean, rstd) and there are seven gradients."""
+    """{'out', 'dx', 'dw1', 'db1', 'dw2', 'db2'} for fn(*inputs) -> (out,); with PRENORM_NAMES, fn
+    returns (out, mean, rstd) and there are seven gradients."""
     leaves = [t.detach().requires_grad_(True) for t in inputs]  # keeps the inputs' strides
     outputs = fn(*leaves)
     grads = torch.autograd.grad(outputs[0], leaves, grad.to(outputs[0].dtype))
@@ -170,8 +166,7 @@ def check_accuracy(inputs, grad, fn=cpp_mlp, ref=ref_mlp, names=NAMES):
     baseline = run(ref, inputs, grad, names)
     kernel = run(fn, inputs, grad, names)
     failures = errors(kernel, baseline, exact, names)
-    width = exact["pre" if "pre" in exact else "out"].shape[-1]  # Hd, or prenorm_linear's out_features
-    assert not failures, f"{tuple(inputs[0].shape)} Hd {width}: " + "; ".join(failures)
+    assert not failures, f"x {tuple(inputs[0].shape)}: " + "; ".join(failures)
     return kernel
 
 
@@ -212,8 +207,9 @@ def test_cpp_gelu_tails(case):
     """Wide inputs (std 3) and fc1 biases spanning [-12, 12]: every row reaches both GELU tails."""
     inputs, grad = make_inputs(*case, scale=3.0, seed=1)
     inputs[2] = torch.linspace(-12, 12, case[1])
-    kernel = check_accuracy(inputs, grad)
-    assert kernel["pre"].min() < -10 and kernel["pre"].max() > 10
+    check_accuracy(inputs, grad)
+    pre = F.linear(inputs[0], inputs[1], inputs[2])
+    assert pre.min() < -10 and pre.max() > 10
 
 
 @pytest.mark.parametrize("op, vectors", [("mlp", ("db1", "db2")),
@@ -250,7 +246,7 @@ def test_backward_is_deterministic(op):
 
 @pytest.mark.parametrize("op", ["mlp", "prenorm_mlp", "prenorm_linear"])
 def test_independent_of_thread_count(op):
-    """Rows are split between threads at chunk boundaries: out, pre (mean, rstd) and dx are bit for bit
+    """Rows are split between threads at chunk boundaries: out (mean, rstd) and dx are bit for bit
     the same; the weight and vector gradients are summed over threads, so only close."""
     inputs, grad, fn, _, names = op_case(op, (3, 100, 40), 72)
     one = with_threads(1, lambda: run(fn, inputs, grad, names))
@@ -277,22 +273,18 @@ def test_noncontiguous_inputs_match_contiguous():
 
 
 def test_expanded_and_zero_output_gradients():
-    """out.sum() sends a stride-0 gradient; out * 0 gives exact zeros; pre is not differentiable."""
+    """out.sum() sends a stride-0 gradient; out * 0 gives exact zeros."""
     inputs, _ = make_inputs((2, 50, 24), 40)
     ones = torch.ones_like(inputs[0])
     exact = run(ref_mlp, [t.double() for t in inputs], ones.double())
     leaves = [t.clone().requires_grad_(True) for t in inputs]
     mlp(*leaves, backend="cpp").sum().backward()
-    for name, leaf in zip(NAMES[2:], leaves):
+    for name, leaf in zip(NAMES[1:], leaves):
         torch.testing.assert_close(leaf.grad.double(), exact[name], rtol=1e-5, atol=1e-4, msg=name)
         leaf.grad = None
     (mlp(*leaves, backend="cpp") * 0).sum().backward()
     for leaf in leaves:
         assert torch.equal(leaf.grad, torch.zeros_like(leaf))
-    out, pre = torch.ops.mvmae_fast.mlp(leaves[0].reshape(-1, 24), *leaves[1:])
-    assert out.requires_grad and not pre.requires_grad
-    with pytest.raises(RuntimeError, match="does not require grad"):
-        pre.sum().backward()
 
 
 # --------------------------------------------------------------------------- #
@@ -355,11 +347,10 @@ def test_custom_op_validation():
     (x, w1, b1, w2, b2), grad = make_inputs((10, 8), 12)
     with pytest.raises(ValueError, match=r"takes x as \(M, D\), got shape \(2, 5, 8\)"):
         torch.ops.mvmae_fast.mlp(x.view(2, 5, 8), w1, b1, w2, b2)
-    out, pre = torch.ops.mvmae_fast.mlp(x, w1, b1, w2, b2)
-    bad = [((grad[:9], x, pre, w1, w2), r"grad_out must have shape \(10, 8\)"),
-           ((grad, x, pre[:, :11], w1, w2), r"pre must have shape \(10, 12\)"),
-           ((grad, x, pre, w1, w2[:7]), r"w2 must have shape \(8, 12\)"),
-           ((grad, x, pre, w1[:11], w2), r"pre must have shape \(10, 11\)")]
+    bad = [((grad[:9], x, w1, b1, w2), r"grad_out must have shape \(10, 8\)"),
+           ((grad, x, w1, b1[:11], w2), r"b1 must have shape \(12,\)"),
+           ((grad, x, w1, b1, w2[:7]), r"w2 must have shape \(8, 12\)"),
+           ((grad, x, w1[:11], b1, w2), r"b1 must have shape \(11,\)")]
     for args, message in bad:
         with pytest.raises(ValueError, match="mlp_backward: " + message):
             torch.ops.mvmae_fast.mlp_backward(*args)
@@ -372,8 +363,7 @@ def test_opcheck():
     (x, w1, b1, w2, b2), grad = make_inputs((37, 20), 45)
     leaves = [t.clone().requires_grad_(True) for t in (x, w1, b1, w2, b2)]
     torch.library.opcheck(torch.ops.mvmae_fast.mlp.default, tuple(leaves))
-    _, pre = torch.ops.mvmae_fast.mlp(x, w1, b1, w2, b2)
-    torch.library.opcheck(torch.ops.mvmae_fast.mlp_backward.default, (grad, x, pre, w1, w2))
+    torch.library.opcheck(torch.ops.mvmae_fast.mlp_backward.default, (grad, x, w1, b1, w2))
 
 
 def test_torch_compile_fullgraph():
@@ -429,14 +419,14 @@ def prenorm(tensors, eps=1e-5, **kwargs):
 
 @pytest.mark.parametrize("case", PRENORM_SHAPES, ids=shape_id)
 def test_prenorm_cpp_matches_reference(case):
-    """out, pre, the rows' mean and 1/std, and the seven gradients, against float64."""
+    """out, the rows' mean and 1/std, and the seven gradients, against float64."""
     check_accuracy(*prenorm_case(*case))
 
 
-@pytest.mark.parametrize("op, projected", [("prenorm_mlp", "pre"), ("prenorm_linear", "out")])
-def test_prenorm_constant_rows(op, projected):
+@pytest.mark.parametrize("op", ["prenorm_mlp", "prenorm_linear"])
+def test_prenorm_constant_rows(op):
     """Rows of one value (exact float32 mean, variance 0): rstd = 1/sqrt(eps), the normalised row is the
-    norm's bias (so fc1's output, or prenorm_linear's, is that of the bias); every output and gradient
+    norm's bias (so those rows' output is that of the bias alone, plus the residual); every output and gradient
     finite and as accurate as elsewhere."""
     inputs, grad, fn, ref, names = op_case(op, (97, 130), 257)  # eps 1e-6
     rows, levels = [0, 1, 50, 95, 96], torch.tensor([0.0, 1.5, -3.0, 7.25, 1.5])
@@ -445,8 +435,13 @@ def test_prenorm_constant_rows(op, projected):
     assert all(t.isfinite().all() for t in kernel.values())
     assert torch.equal(kernel["mean"][rows], levels)
     torch.testing.assert_close(kernel["rstd"][rows], torch.full((5,), 1e3), rtol=1e-6, atol=0)
-    _, _, norm_bias, w, b, *_ = inputs
-    torch.testing.assert_close(kernel[projected][rows], F.linear(norm_bias, w, b).expand(5, -1), rtol=1e-5, atol=1e-5)
+    x, _, norm_bias, w, b, *rest = inputs
+    # The constant rows' normalised input is the norm's bias: their output is that of the bias alone.
+    projected = F.linear(norm_bias, w, b)
+    if op == "prenorm_mlp":
+        projected = F.linear(F.gelu(projected), *rest)
+    expected = projected.expand(5, -1) + (x[rows] if op == "prenorm_mlp" else 0)
+    torch.testing.assert_close(kernel["out"][rows], expected, rtol=1e-5, atol=1e-5)
 
 
 def test_prenorm_torch_backend_is_the_formula():
@@ -510,14 +505,15 @@ def test_prenorm_custom_op_validation():
         torch.ops.mvmae_fast.prenorm_mlp(x.view(2, 5, 8), norm_weight, norm_bias, 1e-6, w1, b1, w2, b2)
     with pytest.raises(ValueError, match="eps must be a number >= 0"):
         torch.ops.mvmae_fast.prenorm_mlp(x, norm_weight, norm_bias, -1.0, w1, b1, w2, b2)
-    _, pre, mean, rstd = torch.ops.mvmae_fast.prenorm_mlp(x, norm_weight, norm_bias, 1e-6, w1, b1, w2, b2)
-    bad = [((grad, x, pre, mean[:9], rstd, norm_weight, norm_bias, w1, w2),
+    _, mean, rstd = torch.ops.mvmae_fast.prenorm_mlp(x, norm_weight, norm_bias, 1e-6, w1, b1, w2, b2)
+    bad = [((grad, x, mean[:9], rstd, norm_weight, norm_bias, w1, b1, w2),
             r"prenorm_mlp_backward: mean must have shape \(10,\), got \(9,\)"),
-           ((grad, x, pre, mean, torch.ones(11), norm_weight, norm_bias, w1, w2),
+           ((grad, x, mean, torch.ones(11), norm_weight, norm_bias, w1, b1, w2),
             r"prenorm_mlp_backward: rstd must have shape \(10,\), got \(11,\)"),
-           ((grad, x, pre, mean, rstd[:, None], norm_weight, norm_bias, w1, w2), r"rstd must have 1 dimensions \(M,\)"),
-           ((grad, x, pre, mean, rstd, norm_weight, norm_bias[:7], w1, w2), r"norm_bias must have shape \(8,\)"),
-           ((grad, x, pre[:, :11], mean, rstd, norm_weight, norm_bias, w1, w2), r"pre must have shape \(10, 12\)")]
+           ((grad, x, mean, rstd[:, None], norm_weight, norm_bias, w1, b1, w2), r"rstd must have 1 dimensions \(M,\)"),
+           ((grad, x, mean, rstd, norm_weight, norm_bias[:7], w1, b1, w2), r"norm_bias must have shape \(8,\)"),
+           ((grad, x, mean, rstd, norm_weight, norm_bias, w1, b1[:11], w2),
+            r"prenorm_mlp_backward: b1 must have shape \(12,\)")]
     for args, message in bad:
         with pytest.raises(ValueError, match=message):
             torch.ops.mvmae_fast.prenorm_mlp_backward(*args)
@@ -527,9 +523,9 @@ def test_prenorm_opcheck():
     (x, norm_weight, norm_bias, w1, b1, w2, b2), grad = make_prenorm_inputs((37, 20), 45)
     leaves = [t.clone().requires_grad_(True) for t in (x, norm_weight, norm_bias, w1, b1, w2, b2)]
     torch.library.opcheck(torch.ops.mvmae_fast.prenorm_mlp.default, (*leaves[:3], 1e-5, *leaves[3:]))
-    _, pre, mean, rstd = torch.ops.mvmae_fast.prenorm_mlp(x, norm_weight, norm_bias, 1e-5, w1, b1, w2, b2)
+    _, mean, rstd = torch.ops.mvmae_fast.prenorm_mlp(x, norm_weight, norm_bias, 1e-5, w1, b1, w2, b2)
     torch.library.opcheck(torch.ops.mvmae_fast.prenorm_mlp_backward.default,
-                          (grad, x, pre, mean, rstd, norm_weight, norm_bias, w1, w2))
+                          (grad, x, mean, rstd, norm_weight, norm_bias, w1, b1, w2))
 
 
 def test_prenorm_torch_compile_fullgraph():

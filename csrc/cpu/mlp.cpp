@@ -1,14 +1,17 @@
-// The transformer MLP, fc2(gelu(fc1(x))) with the exact (erf) GELU, fused on the CPU in float32.
+// The transformer MLP, fc2(gelu(fc1(x))) with the exact (erf) GELU, fused on the CPU in float32, and
+// the pre-norm block's pieces built from it: LayerNorm in front (its rows' mean and 1/std kept for the
+// backward), the residual added in the epilogue, and LayerNorm + one Linear (the qkv projection).
 //
-// x (M, D), w1 (Hd, D), b1 (Hd), w2 (D, Hd), b2 (D), pre (M, Hd) = fc1(x) (saved for backward), out
-// (M, D); all contiguous. Unfused, the hidden tensor goes through memory five or six times per step
-// (fc1's output, the bias pass, GELU's input and output, GELU's backward and fc2's weight gradient).
-// Here each thread takes a contiguous range of rows and works through it in chunks of kChunk rows
-// whose hidden activations stay in a per-thread buffer in L2:
-//   forward   H = x_c W1^T + b1 -> pre (written once), H = gelu(H), out_c = H W2^T + b2
-//   backward  G = dY_c W2; A = gelu(pre_c), G *= gelu'(pre_c) (one exp serves both); dW2 += dY_c^T A,
-//             db2 += colsum dY_c, dW1 += G^T x_c, db1 += colsum G (per-thread accumulators, summed at
-//             the end); dx_c = G W1
+// x (M, D), w1 (Hd, D), b1 (Hd), w2 (D, Hd), b2 (D), out (M, D); all contiguous. Unfused, the hidden
+// tensor goes through memory five or six times per step (fc1's output, the bias pass, GELU's input
+// and output, GELU's backward and fc2's weight gradient) and is kept for the backward. Here each
+// thread takes a contiguous range of rows and works through it in chunks of kChunk rows whose hidden
+// activations stay in a per-thread buffer in L2, and nothing of the hidden layer is kept:
+//   forward   H = x_c W1^T + b1, H = gelu(H), out_c = H W2^T + b2
+//   backward  G = dY_c W2; H = x_c W1^T + b1 again (recomputed: cheaper here than writing it in the
+//             forward and reading it back, and M x Hd floats less memory); A = gelu(H), G *= gelu'(H)
+//             (one exp serves both); dW2 += dY_c^T A, db2 += colsum dY_c, dW1 += G^T x_c,
+//             db1 += colsum G (per-thread accumulators, summed at the end); dx_c = G W1
 // The products are register-blocked micro-GEMMs (MR rows x 16*NV columns of accumulators) on weights
 // packed once per call into column panels. The AVX-512 build uses 12 x 32 tiles (24 zmm accumulators),
 // AVX2 and older 4 x 16 ones; the variant is picked once at load time from the CPU's features.
@@ -145,10 +148,10 @@ struct MlpArgs {
   float eps;
   bool residual;              // out = x + mlp(...)
   const float *b1, *b2;       // padded copies (forward)
-  const float *w1_t, *w2_t;   // packed W1^T (D x Hd) and W2^T (Hd x D) (forward)
+  const float *w1_t, *w2_t;   // packed W1^T (D x Hd) and W2^T (Hd x D) (W1^T in the backward too)
   const float *w2, *w1;       // packed W2 (D x Hd) and W1 (Hd x D) (backward)
   const float* grad_out;
-  float *pre, *out, *dx;
+  float *out, *dx;
   float *mean, *rstd;         // per row, with the norm: written by the forward, read by the backward
 };
 
@@ -249,12 +252,9 @@ MVF_INLINE void forward_rows(const MlpArgs& a, int64_t r0, int64_t r1, float* sl
     T::template gemm<MR, false, kStoreBias>(in, ld, a.w1_t, D * T::NR, T::NR, h, hp, R, Hd, D, a.b1, nullptr);
     for (int64_t r = 0; r < R; ++r) {
       float* hr = h + r * hp;
-      float* pr = a.pre + (c + r) * Hd;
       for (int64_t j = 0; j < Hd; ++j) {
-        const float p = hr[j];
         float value, grad;
-        gelu_and_grad(p, value, grad);
-        pr[j] = p;
+        gelu_and_grad(hr[j], value, grad);
         hr[j] = value;
       }
     }
@@ -281,7 +281,7 @@ MVF_INLINE void backward_rows(const MlpArgs& a, int64_t r0, int64_t r1, float* s
   using T = Tiles<NV>;
   const int64_t D = a.dim, Hd = a.hidden, hp = T::pad(Hd), dp = T::pad(D);
   float* g = slot;                    // kChunk x hp: dAct, then dPre
-  float* act = g + kChunk * hp;       // kChunk x hp: gelu(pre)
+  float* act = g + kChunk * hp;       // kChunk x hp: fc1's output, then its gelu
   float* xc = act + kChunk * hp;      // kChunk x dp: fc1's input rows (normalised), padded
   float* dxn = xc + kChunk * dp;      // kChunk x dp: the gradient of the normalised rows
   float* dw1 = dxn + kChunk * dp;     // Hd x dp
@@ -305,13 +305,14 @@ MVF_INLINE void backward_rows(const MlpArgs& a, int64_t r0, int64_t r1, float* s
     float* cbeta = cgamma + dp;
     const float* dy = a.grad_out + c * D;
     T::template gemm<MR, false, kStore>(dy, D, a.w2, D * T::NR, T::NR, g, hp, R, hp, D, nullptr, nullptr);
+    input_rows(a, c, R, dp, false, xc);
+    T::template gemm<MR, false, kStoreBias>(xc, dp, a.w1_t, D * T::NR, T::NR, act, hp, R, Hd, D, a.b1, nullptr);
     for (int64_t r = 0; r < R; ++r) {
       float* gr = g + r * hp;
-      float* ar = act + r * hp;
-      const float* pr = a.pre + (c + r) * Hd;
+      float* ar = act + r * hp;  // fc1's output, replaced by gelu of it
       for (int64_t j = 0; j < Hd; ++j) {
         float value, grad;
-        gelu_and_grad(pr[j], value, grad);
+        gelu_and_grad(ar[j], value, grad);
         ar[j] = value;
         gr[j] *= grad;
       }
@@ -320,7 +321,6 @@ MVF_INLINE void backward_rows(const MlpArgs& a, int64_t r0, int64_t r1, float* s
       const float* dyr = dy + r * D;
       for (int64_t d = 0; d < D; ++d) cb2[d] += dyr[d];
     }
-    input_rows(a, c, R, dp, false, xc);
     if (c == r0) {
       T::template gemm<MR, true, kStore>(dy, D, act, T::NR, hp, dw2, hp, D, hp, R, nullptr, nullptr);  // dY^T A
       T::template gemm<MR, true, kStore>(g, hp, xc, T::NR, dp, dw1, dp, Hd, dp, R, nullptr, nullptr);  // G^T x
@@ -506,12 +506,11 @@ void sum_slots(const float* scratch, int64_t slots, int64_t per_slot, int64_t of
 int64_t mlp_backward_workspace_bytes(int64_t dim, int64_t hidden, int threads, int64_t rows) {
   const int64_t hp = padded(hidden), dp = padded(dim);
   const int64_t per_slot = variant().nv == 2 ? backward_scratch<2>(dim, hidden) : backward_scratch<1>(dim, hidden);
-  return static_cast<int64_t>(sizeof(float)) * (2 * hp * dp + row_slots(rows, threads) * per_slot);
+  return static_cast<int64_t>(sizeof(float)) * (3 * hp * dp + hp + row_slots(rows, threads) * per_slot);
 }
 
 void mlp_forward_cpu(const float* x, const float* w1, const float* b1, const float* w2, const float* b2,
-                     const float* norm_weight, const float* norm_bias, float eps, bool residual, float* pre,
-                     float* out, float* mean, float* rstd, int64_t rows, int64_t dim, int64_t hidden, int threads) {
+                     const float* norm_weight, const float* norm_bias, float eps, bool residual, float* out, float* mean, float* rstd, int64_t rows, int64_t dim, int64_t hidden, int threads) {
   const int64_t D = dim, Hd = hidden, hp = padded(Hd), dp = padded(D);
   const int64_t slots = row_slots(rows, threads);
   const int64_t per_slot = variant().nv == 2 ? forward_scratch<2>(D, Hd) : forward_scratch<1>(D, Hd);
@@ -528,7 +527,7 @@ void mlp_forward_cpu(const float* x, const float* w1, const float* b1, const flo
   std::copy(b2, b2 + D, bias2);
   std::fill(bias2 + D, bias2 + dp, 0.0f);
   MlpArgs a{};
-  a.rows = rows, a.dim = D, a.hidden = Hd, a.x = x, a.pre = pre, a.out = out;
+  a.rows = rows, a.dim = D, a.hidden = Hd, a.x = x, a.out = out;
   a.gamma = norm_weight, a.beta = norm_bias, a.eps = eps, a.residual = residual, a.mean = mean, a.rstd = rstd;
   a.w1_t = w1_t, a.w2_t = w2_t, a.b1 = bias1, a.b2 = bias2;
   const auto forward = variant().forward;
@@ -537,21 +536,27 @@ void mlp_forward_cpu(const float* x, const float* w1, const float* b1, const flo
   });
 }
 
-void mlp_backward_cpu(const float* grad_out, const float* x, const float* pre, const float* mean, const float* rstd,
-                      const float* norm_weight, const float* norm_bias, bool residual, const float* w1,
+void mlp_backward_cpu(const float* grad_out, const float* x, const float* mean, const float* rstd,
+                      const float* norm_weight, const float* norm_bias, bool residual, const float* w1, const float* b1,
                       const float* w2, float* dx, float* dw1, float* db1, float* dw2, float* db2, float* dnorm_weight,
                       float* dnorm_bias, int64_t rows, int64_t dim, int64_t hidden, int threads) {
   const int64_t D = dim, Hd = hidden, hp = padded(Hd), dp = padded(D);
   const int64_t slots = row_slots(rows, threads);
   const int64_t per_slot = variant().nv == 2 ? backward_scratch<2>(D, Hd) : backward_scratch<1>(D, Hd);
-  float* ws = workspace(2 * hp * dp + slots * per_slot);
+  float* ws = workspace(3 * hp * dp + hp + slots * per_slot);
   float* w2p = ws;             // W2: K = D, N = Hd
   float* w1p = w2p + dp * hp;  // W1: K = Hd, N = D
-  float* scratch = w1p + hp * dp;
+  float* w1t = w1p + hp * dp;  // W1^T, to recompute fc1: K = D, N = Hd
+  float* bias1 = w1t + hp * dp;
+  float* scratch = bias1 + hp;
   pack_parallel(w2, Hd, 1, D, Hd, w2p, threads);
   pack_parallel(w1, D, 1, Hd, D, w1p, threads);
+  pack_parallel(w1, 1, D, D, Hd, w1t, threads);
+  std::copy(b1, b1 + Hd, bias1);
+  std::fill(bias1 + Hd, bias1 + hp, 0.0f);
   MlpArgs a{};
-  a.rows = rows, a.dim = D, a.hidden = Hd, a.x = x, a.pre = const_cast<float*>(pre), a.grad_out = grad_out;
+  a.w1_t = w1t, a.b1 = bias1;
+  a.rows = rows, a.dim = D, a.hidden = Hd, a.x = x, a.grad_out = grad_out;
   a.gamma = norm_weight, a.beta = norm_bias, a.residual = residual;
   a.mean = const_cast<float*>(mean), a.rstd = const_cast<float*>(rstd);
   a.w2 = w2p, a.w1 = w1p, a.dx = dx;

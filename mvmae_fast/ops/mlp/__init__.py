@@ -4,11 +4,13 @@ x (..., D), fc1's weight (Hd, D) and bias (Hd), fc2's weight (D, Hd) and bias (D
 
 Backends: ``torch`` is two ``F.linear`` calls around ``F.gelu`` (the reference, plain autograd);
 ``cpp`` is the extension's float32 CPU kernel (csrc/cpu/mlp.cpp): each thread works through its rows
-in chunks whose hidden activations stay in its L2 cache, so the (..., Hd) hidden tensor is written once
-(fc1's output, saved for the backward) instead of passing through memory five or six times per step,
-and the weight gradients accumulate per thread. It is reached through the custom ops
-``mvmae_fast::mlp`` (x2d, w1, b1, w2, b2) -> (out, pre) and ``mvmae_fast::mlp_backward`` (grad_out,
-x2d, pre, w1, w2) -> (dx, dw1, db1, dw2, db2), so ``torch.compile`` traces through them.
+in chunks whose hidden activations stay in its L2 cache, so the (..., Hd) hidden tensor never goes
+through memory (unfused it does five or six times per step) and is not kept for the backward, which
+recomputes fc1 per chunk (M x Hd floats less activation memory per layer); the weight gradients
+accumulate per thread. It is reached through the custom ops ``mvmae_fast::mlp`` (x2d, w1, b1, w2, b2)
+-> out and ``mvmae_fast::mlp_backward`` (grad_out, x2d, w1, b1, w2) -> (dx, dw1, db1, dw2, db2), so
+``torch.compile`` traces through them. :func:`prenorm_mlp` and :func:`prenorm_linear` are the
+pre-norm block's pieces built on the same kernel.
 
 Automatic choice: ``cpp`` for float32 CPU tensors outside CPU autocast (under autocast the linears
 run in bfloat16 on the CPU's AMX / AVX512-BF16 units, which no float32 kernel matches) when the
@@ -78,7 +80,7 @@ def workspace_bytes(dim, hidden, threads, rows):
     hp, dp = -(-hidden // 32) * 32, -(-dim // 32) * 32
     slots = max(1, min(threads, -(-rows // chunk)))
     per_slot = 2 * chunk * hp + 2 * chunk * dp + hidden * dp + dim * hp + 2 * (hp + 3 * dp)
-    return 4 * (2 * hp * dp + slots * per_slot)
+    return 4 * (3 * hp * dp + hp + slots * per_slot)
 
 
 @torch.compiler.assume_constant_result
@@ -113,22 +115,22 @@ def _check_2d(x, w1, b1, w2, b2, op="mlp"):
     _raise_if_refused(x, w1, b1, w2, b2)
 
 
-def _check_backward(grad_out, x, pre, w1, w2, op="mlp_backward"):
+def _check_backward(grad_out, x, w1, b1, w2, op="mlp_backward"):
     check_tensor("w1", w1, 2, _DTYPES, "(Hd, D)")
     check_tensor("w2", w2, 2, _DTYPES, "(D, Hd)")
     hidden, dim = w1.shape
     check_tensor("x", x, 2, _DTYPES, "(M, D)")
     rows = x.shape[0]
-    for name, t, want in (("grad_out", grad_out, (rows, dim)), ("x", x, (rows, dim)), ("pre", pre, (rows, hidden)),
+    for name, t, want in (("grad_out", grad_out, (rows, dim)), ("x", x, (rows, dim)), ("b1", b1, (hidden,)),
                           ("w2", w2, (dim, hidden))):
-        check_tensor(name, t, 2, _DTYPES, str(want))
+        check_tensor(name, t, len(want), _DTYPES, str(want))
         if tuple(t.shape) != want:
             raise ValueError(f"{op}: {name} must have shape {want} (x {tuple(x.shape)}, w1 "
                              f"{tuple(w1.shape)}), got {tuple(t.shape)}")
-    for name, t in (("grad_out", grad_out), ("pre", pre), ("w1", w1), ("w2", w2)):
+    for name, t in (("grad_out", grad_out), ("w1", w1), ("b1", b1), ("w2", w2)):
         if t.device != x.device:
             raise ValueError(f"{name} is on {t.device} but x is on {x.device}")
-    _raise_if_refused(x, grad_out, pre, w1, w2)
+    _raise_if_refused(x, grad_out, w1, b1, w2)
 
 
 def _contiguous(*tensors):
@@ -136,46 +138,45 @@ def _contiguous(*tensors):
 
 
 @torch.library.custom_op("mvmae_fast::mlp", mutates_args=())
-def _mlp_op(x: torch.Tensor, w1: torch.Tensor, b1: torch.Tensor, w2: torch.Tensor,
-            b2: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def _mlp_op(x: torch.Tensor, w1: torch.Tensor, b1: torch.Tensor, w2: torch.Tensor, b2: torch.Tensor) -> torch.Tensor:
     _check_2d(x, w1, b1, w2, b2)
     x, w1, b1, w2, b2 = _contiguous(x, w1, b1, w2, b2)
     rows, dim = x.shape
-    hidden = w1.shape[0]
     out = new_output((rows, dim), x.dtype, x.device)
-    pre = new_output((rows, hidden), x.dtype, x.device)
     _ext._C.mlp_forward_cpu(x.data_ptr(), w1.data_ptr(), b1.data_ptr(), w2.data_ptr(), b2.data_ptr(), 0, 0, 0.0, False,
-                            pre.data_ptr(), out.data_ptr(), 0, 0, rows, dim, hidden, torch.get_num_threads())
-    return out, pre
+                            out.data_ptr(), 0, 0, rows, dim, w1.shape[0], torch.get_num_threads())
+    return out
 
 
 @_mlp_op.register_fake
 def _(x, w1, b1, w2, b2):
     _check(x, w1, b1, w2, b2)
-    return x.new_empty(x.shape[0], x.shape[1]), x.new_empty(x.shape[0], w1.shape[0])
+    return x.new_empty(x.shape[0], x.shape[1])
+
+
+def _vector_grads(x, dim, hidden):
+    """Empty (dx, dw1, db1, dw2, db2) for the backward kernels to fill."""
+    return [new_output(shape, x.dtype, x.device)
+            for shape in ((x.shape[0], dim), (hidden, dim), (hidden,), (dim, hidden), (dim,))]
 
 
 @torch.library.custom_op("mvmae_fast::mlp_backward", mutates_args=())
-def _mlp_backward_op(grad_out: torch.Tensor, x: torch.Tensor, pre: torch.Tensor, w1: torch.Tensor,
+def _mlp_backward_op(grad_out: torch.Tensor, x: torch.Tensor, w1: torch.Tensor, b1: torch.Tensor,
                      w2: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    _check_backward(grad_out, x, pre, w1, w2)
-    grad_out, x, pre, w1, w2 = _contiguous(grad_out, x, pre, w1, w2)
+    _check_backward(grad_out, x, w1, b1, w2)
+    grad_out, x, w1, b1, w2 = _contiguous(grad_out, x, w1, b1, w2)
     rows, dim = x.shape
     hidden = w1.shape[0]
-    dx = new_output((rows, dim), x.dtype, x.device)
-    dw1 = new_output((hidden, dim), x.dtype, x.device)
-    db1 = new_output((hidden,), x.dtype, x.device)
-    dw2 = new_output((dim, hidden), x.dtype, x.device)
-    db2 = new_output((dim,), x.dtype, x.device)
-    _ext._C.mlp_backward_cpu(grad_out.data_ptr(), x.data_ptr(), pre.data_ptr(), 0, 0, 0, 0, False, w1.data_ptr(),
+    dx, dw1, db1, dw2, db2 = _vector_grads(x, dim, hidden)
+    _ext._C.mlp_backward_cpu(grad_out.data_ptr(), x.data_ptr(), 0, 0, 0, 0, False, w1.data_ptr(), b1.data_ptr(),
                              w2.data_ptr(), dx.data_ptr(), dw1.data_ptr(), db1.data_ptr(), dw2.data_ptr(), db2.data_ptr(),
                              0, 0, rows, dim, hidden, torch.get_num_threads())
     return dx, dw1, db1, dw2, db2
 
 
 @_mlp_backward_op.register_fake
-def _(grad_out, x, pre, w1, w2):
-    _check_backward(grad_out, x, pre, w1, w2)
+def _(grad_out, x, w1, b1, w2):
+    _check_backward(grad_out, x, w1, b1, w2)
     hidden, dim = w1.shape
     return (x.new_empty(x.shape), x.new_empty(hidden, dim), x.new_empty(hidden), x.new_empty(dim, hidden),
             x.new_empty(dim))
@@ -183,16 +184,11 @@ def _(grad_out, x, pre, w1, w2):
 
 def _setup_context(ctx, inputs, output):
     x, w1, b1, w2, b2 = inputs
-    ctx.mark_non_differentiable(output[1])
-    ctx.set_materialize_grads(False)  # no zero-filled gradient for it in the backward
-    ctx.save_for_backward(x, output[1], w1, w2)
+    ctx.save_for_backward(x, w1, b1, w2)
 
 
-def _backward(ctx, grad_out, grad_pre):
-    if grad_out is None:  # out unused: nothing flows back
-        return None, None, None, None, None
-    x, pre, w1, w2 = ctx.saved_tensors
-    return _mlp_backward_op(grad_out, x, pre, w1, w2)
+def _backward(ctx, grad_out):
+    return _mlp_backward_op(grad_out, *ctx.saved_tensors)
 
 
 _mlp_op.register_autograd(_backward, setup_context=_setup_context)
@@ -211,8 +207,7 @@ def mlp(x, w1, b1, w2, b2, *, backend=None):
             name = "torch"
     if name == "torch":
         return reference.mlp(x, w1, b1, w2, b2)
-    out = _mlp_op(x.reshape(-1, x.shape[-1]), w1, b1, w2, b2)[0]
-    return out.view(x.shape)
+    return _mlp_op(x.reshape(-1, x.shape[-1]), w1, b1, w2, b2).view(x.shape)
 
 
 # --------------------------------------------------------------------------- #
@@ -233,22 +228,19 @@ def _check_norm(x, norm_weight, norm_bias, eps):
 
 @torch.library.custom_op("mvmae_fast::prenorm_mlp", mutates_args=())
 def _prenorm_op(x: torch.Tensor, norm_weight: torch.Tensor, norm_bias: torch.Tensor, eps: float, w1: torch.Tensor,
-                b1: torch.Tensor, w2: torch.Tensor,
-                b2: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+                b1: torch.Tensor, w2: torch.Tensor, b2: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     _check_2d(x, w1, b1, w2, b2, op="prenorm_mlp")
     _check_norm(x, norm_weight, norm_bias, eps)
     _raise_if_refused(x, norm_weight, norm_bias)
     x, norm_weight, norm_bias, w1, b1, w2, b2 = _contiguous(x, norm_weight, norm_bias, w1, b1, w2, b2)
     rows, dim = x.shape
-    hidden = w1.shape[0]
     out = new_output((rows, dim), x.dtype, x.device)
-    pre = new_output((rows, hidden), x.dtype, x.device)
     mean = new_output((rows,), x.dtype, x.device)
     rstd = new_output((rows,), x.dtype, x.device)
     _ext._C.mlp_forward_cpu(x.data_ptr(), w1.data_ptr(), b1.data_ptr(), w2.data_ptr(), b2.data_ptr(),
-                            norm_weight.data_ptr(), norm_bias.data_ptr(), float(eps), True, pre.data_ptr(),
-                            out.data_ptr(), mean.data_ptr(), rstd.data_ptr(), rows, dim, hidden, torch.get_num_threads())
-    return out, pre, mean, rstd
+                            norm_weight.data_ptr(), norm_bias.data_ptr(), float(eps), True, out.data_ptr(),
+                            mean.data_ptr(), rstd.data_ptr(), rows, dim, w1.shape[0], torch.get_num_threads())
+    return out, mean, rstd
 
 
 @_prenorm_op.register_fake
@@ -256,31 +248,30 @@ def _(x, norm_weight, norm_bias, eps, w1, b1, w2, b2):
     _check(x, w1, b1, w2, b2)
     _check_norm(x, norm_weight, norm_bias, eps)
     rows = x.shape[0]
-    return x.new_empty(x.shape), x.new_empty(rows, w1.shape[0]), x.new_empty(rows), x.new_empty(rows)
+    return x.new_empty(x.shape), x.new_empty(rows), x.new_empty(rows)
 
 
 @torch.library.custom_op("mvmae_fast::prenorm_mlp_backward", mutates_args=())
-def _prenorm_backward_op(grad_out: torch.Tensor, x: torch.Tensor, pre: torch.Tensor, mean: torch.Tensor,
-                         rstd: torch.Tensor, norm_weight: torch.Tensor, norm_bias: torch.Tensor, w1: torch.Tensor,
+def _prenorm_backward_op(grad_out: torch.Tensor, x: torch.Tensor, mean: torch.Tensor, rstd: torch.Tensor,
+                         norm_weight: torch.Tensor, norm_bias: torch.Tensor, w1: torch.Tensor, b1: torch.Tensor,
                          w2: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor,
                                                     torch.Tensor, torch.Tensor, torch.Tensor]:
-    _check_prenorm_backward(grad_out, x, pre, mean, rstd, norm_weight, norm_bias, w1, w2)
-    grad_out, x, pre, mean, rstd, norm_weight, norm_bias, w1, w2 = _contiguous(
-        grad_out, x, pre, mean, rstd, norm_weight, norm_bias, w1, w2)
+    _check_prenorm_backward(grad_out, x, mean, rstd, norm_weight, norm_bias, w1, b1, w2)
+    grad_out, x, mean, rstd, norm_weight, norm_bias, w1, b1, w2 = _contiguous(
+        grad_out, x, mean, rstd, norm_weight, norm_bias, w1, b1, w2)
     rows, dim = x.shape
     hidden = w1.shape[0]
-    grads = [new_output(shape, x.dtype, x.device)
-             for shape in ((rows, dim), (dim,), (dim,), (hidden, dim), (hidden,), (dim, hidden), (dim,))]
-    dx, dnw, dnb, dw1, db1, dw2, db2 = grads
-    _ext._C.mlp_backward_cpu(grad_out.data_ptr(), x.data_ptr(), pre.data_ptr(), mean.data_ptr(), rstd.data_ptr(),
-                             norm_weight.data_ptr(), norm_bias.data_ptr(), True, w1.data_ptr(), w2.data_ptr(),
-                             dx.data_ptr(), dw1.data_ptr(), db1.data_ptr(), dw2.data_ptr(), db2.data_ptr(),
+    dx, dw1, db1, dw2, db2 = _vector_grads(x, dim, hidden)
+    dnw, dnb = new_output((dim,), x.dtype, x.device), new_output((dim,), x.dtype, x.device)
+    _ext._C.mlp_backward_cpu(grad_out.data_ptr(), x.data_ptr(), mean.data_ptr(), rstd.data_ptr(),
+                             norm_weight.data_ptr(), norm_bias.data_ptr(), True, w1.data_ptr(), b1.data_ptr(),
+                             w2.data_ptr(), dx.data_ptr(), dw1.data_ptr(), db1.data_ptr(), dw2.data_ptr(), db2.data_ptr(),
                              dnw.data_ptr(), dnb.data_ptr(), rows, dim, hidden, torch.get_num_threads())
     return dx, dnw, dnb, dw1, db1, dw2, db2
 
 
-def _check_prenorm_backward(grad_out, x, pre, mean, rstd, norm_weight, norm_bias, w1, w2):
-    _check_backward(grad_out, x, pre, w1, w2, op="prenorm_mlp_backward")
+def _check_prenorm_backward(grad_out, x, mean, rstd, norm_weight, norm_bias, w1, b1, w2):
+    _check_backward(grad_out, x, w1, b1, w2, op="prenorm_mlp_backward")
     _check_norm(x, norm_weight, norm_bias, 0.0)
     for name, t in (("mean", mean), ("rstd", rstd)):
         check_tensor(name, t, 1, _DTYPES, "(M,)")
@@ -290,8 +281,8 @@ def _check_prenorm_backward(grad_out, x, pre, mean, rstd, norm_weight, norm_bias
 
 
 @_prenorm_backward_op.register_fake
-def _(grad_out, x, pre, mean, rstd, norm_weight, norm_bias, w1, w2):
-    _check_prenorm_backward(grad_out, x, pre, mean, rstd, norm_weight, norm_bias, w1, w2)
+def _(grad_out, x, mean, rstd, norm_weight, norm_bias, w1, b1, w2):
+    _check_prenorm_backward(grad_out, x, mean, rstd, norm_weight, norm_bias, w1, b1, w2)
     hidden, dim = w1.shape
     return (x.new_empty(x.shape), x.new_empty(dim), x.new_empty(dim), x.new_empty(hidden, dim), x.new_empty(hidden),
             x.new_empty(dim, hidden), x.new_empty(dim))
@@ -299,18 +290,16 @@ def _(grad_out, x, pre, mean, rstd, norm_weight, norm_bias, w1, w2):
 
 def _prenorm_setup_context(ctx, inputs, output):
     x, norm_weight, norm_bias, eps, w1, b1, w2, b2 = inputs
-    _, pre, mean, rstd = output
-    ctx.mark_non_differentiable(pre, mean, rstd)
+    _, mean, rstd = output
+    ctx.mark_non_differentiable(mean, rstd)
     ctx.set_materialize_grads(False)
-    ctx.save_for_backward(x, pre, mean, rstd, norm_weight, norm_bias, w1, w2)
+    ctx.save_for_backward(x, mean, rstd, norm_weight, norm_bias, w1, b1, w2)
 
 
-def _prenorm_backward(ctx, grad_out, grad_pre, grad_mean, grad_rstd):
+def _prenorm_backward(ctx, grad_out, grad_mean, grad_rstd):
     if grad_out is None:
         return (None,) * 8
-    x, pre, mean, rstd, norm_weight, norm_bias, w1, w2 = ctx.saved_tensors
-    dx, dnw, dnb, dw1, db1, dw2, db2 = _prenorm_backward_op(grad_out, x, pre, mean, rstd, norm_weight, norm_bias,
-                                                            w1, w2)
+    dx, dnw, dnb, dw1, db1, dw2, db2 = _prenorm_backward_op(grad_out, *ctx.saved_tensors)
     return dx, dnw, dnb, None, dw1, db1, dw2, db2
 
 
