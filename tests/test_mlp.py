@@ -19,6 +19,9 @@ output, mean, 1/std and five gradients, with out_features off the 16/32-column p
 import contextlib
 import functools
 import importlib
+import os
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -785,3 +788,21 @@ def test_block_under_forced_triton_uses_plain_modules():
     torch.testing.assert_close(out, expected, rtol=1e-5, atol=1e-5)
     with use_backend("triton"), pytest.raises(UnsupportedBackendError, match="no triton implementation"):
         mlp(x, block.mlp.fc1.weight, block.mlp.fc1.bias, block.mlp.fc2.weight, block.mlp.fc2.bias)
+
+
+@pytest.mark.parametrize("isa", ["avx2", "generic"])
+def test_lower_instruction_set_variants(isa):
+    """The AVX2 build of the fused layers (4 x 16 tiles on 16-wide panels) and the baseline one, which an
+    AVX-512 CPU never picks by itself, forced with MVMAE_FAST_CPU_ISA in a fresh process: the accuracy,
+    edge-case and threading tests pass on them too."""
+    env = {**os.environ, "MVMAE_FAST_CPU_ISA": isa}
+    probe = subprocess.run([sys.executable, "-c", "from mvmae_fast import _ext; print(_ext._C.fused_layers_isa())"],
+                           env=env, capture_output=True, text=True, check=True)
+    if probe.stdout.strip() != isa:
+        pytest.skip(f"this CPU cannot run the {isa} variant (it runs {probe.stdout.strip()})")
+    selection = ("matches_reference or gelu_tails or constant_rows or no_rows or long_inputs or thread_count "
+                 "or deterministic or noncontiguous")
+    result = subprocess.run([sys.executable, "-m", "pytest", __file__, "-q", "-x", "-p", "no:cacheprovider", "-k",
+                             selection], env=env, capture_output=True, text=True)
+    assert result.returncode == 0, result.stdout[-4000:] + result.stderr[-2000:]
+    assert " passed" in result.stdout.splitlines()[-1]

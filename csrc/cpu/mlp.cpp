@@ -17,7 +17,9 @@
 // AVX2 and older 4 x 16 ones; the variant is picked once at load time from the CPU's features.
 #include <algorithm>
 #include <cmath>
+#include <cstdlib>
 #include <cstring>
+#include <string>
 #include <vector>
 
 #include "../ops.h"
@@ -401,6 +403,7 @@ MVF_INLINE void linear_backward_rows(const MlpArgs& a, int64_t r0, int64_t r1, f
 
 // One instantiation per instruction set, chosen at load time (see the file comment).
 struct Variant {
+  const char* name;
   int nv;
   void (*forward)(const MlpArgs&, int64_t, int64_t, float*);
   void (*backward)(const MlpArgs&, int64_t, int64_t, float*);
@@ -430,17 +433,26 @@ MVF_VARIANT(avx2, __attribute__((target("arch=x86-64-v3"))), 4, 1)
 #endif
 MVF_VARIANT(generic, , 4, 1)
 
+// MVMAE_FAST_CPU_ISA=avx2|generic (read once) picks a lower variant than the CPU supports, so the
+// tests can run every variant on one machine; unset or unknown values take the best the CPU has.
 const Variant& variant() {
   static const Variant chosen = [] {
+    const char* env = std::getenv("MVMAE_FAST_CPU_ISA");
+    const std::string wanted = env ? env : "";
 #ifdef MVF_MLP_DISPATCH
     __builtin_cpu_init();
-    if (__builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512vl") &&
-        __builtin_cpu_supports("avx512bw") && __builtin_cpu_supports("avx512dq") && __builtin_cpu_supports("fma"))
-      return Variant{2, avx512_forward, avx512_backward, avx512_linear_forward, avx512_linear_backward, avx512_pack};
-    if (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma"))
-      return Variant{1, avx2_forward, avx2_backward, avx2_linear_forward, avx2_linear_backward, avx2_pack};
+    const bool avx512 = __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512vl") &&
+                        __builtin_cpu_supports("avx512bw") && __builtin_cpu_supports("avx512dq") &&
+                        __builtin_cpu_supports("fma");
+    const bool avx2 = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
+    if (avx512 && wanted != "avx2" && wanted != "generic")
+      return Variant{"avx512", 2, avx512_forward, avx512_backward, avx512_linear_forward, avx512_linear_backward,
+                     avx512_pack};
+    if (avx2 && wanted != "generic")
+      return Variant{"avx2", 1, avx2_forward, avx2_backward, avx2_linear_forward, avx2_linear_backward, avx2_pack};
 #endif
-    return Variant{1, generic_forward, generic_backward, generic_linear_forward, generic_linear_backward, generic_pack};
+    return Variant{"generic", 1, generic_forward, generic_backward, generic_linear_forward, generic_linear_backward,
+                   generic_pack};
   }();
   return chosen;
 }
@@ -502,6 +514,8 @@ void sum_slots(const float* scratch, int64_t slots, int64_t per_slot, int64_t of
 }
 
 }  // namespace
+
+const char* fused_layers_isa() { return variant().name; }
 
 int64_t mlp_backward_workspace_bytes(int64_t dim, int64_t hidden, int threads, int64_t rows) {
   const int64_t hp = padded(hidden), dp = padded(dim);
