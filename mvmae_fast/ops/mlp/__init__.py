@@ -89,15 +89,29 @@ def _threads():
     return torch.get_num_threads()
 
 
-def _automatic_refusals(x, w1):
+def _automatic_refusals(scratch_bytes):
     """Why the automatic choice passes over a cpp kernel that could run (a forced cpp still runs)."""
     if torch.is_autocast_enabled("cpu"):
         return ["CPU autocast is on (its bfloat16 linears are faster than the float32 kernel)"]
-    hidden, dim = w1.shape
-    need = workspace_bytes(dim, hidden, _threads(), x.numel() // dim)
-    if need > MAX_CPP_WORKSPACE_BYTES:
-        return [f"its backward would keep {need / 2**20:.0f} MiB of scratch"]
+    if scratch_bytes > MAX_CPP_WORKSPACE_BYTES:
+        return [f"its backward would keep {scratch_bytes / 2**20:.0f} MiB of scratch"]
     return []
+
+
+def _choose(backend, tensors, scratch):
+    """'cpp' or 'torch' for one call of the op on ``tensors`` (x first): a forced cpp that cannot run
+    them raises; the automatic choice takes cpp when the kernel can run them and should (see the
+    module docstring). ``scratch(threads)``: the backward's scratch bytes at that thread count."""
+    x = tensors[0]
+    name = backends.select_backend("mlp", x.device, backend or "", IMPLEMENTED)
+    if name != "cpp":
+        return name
+    if backend or backends.requested_backend()[0] is not None:
+        _raise_if_refused(*tensors)
+        return name
+    if _kernel_refusals(*tensors) or _automatic_refusals(scratch(_threads())):
+        return "torch"
+    return name
 
 
 def _raise_if_refused(x, *others):
@@ -199,12 +213,8 @@ def mlp(x, w1, b1, w2, b2, *, backend=None):
     every input. ``backend``: ``"torch"`` or ``"cpp"`` (CPU, float32); default: cpp when it can take
     the inputs, torch otherwise (see the module docstring and :mod:`mvmae_fast.backends`)."""
     _check(x, w1, b1, w2, b2)
-    name = backends.select_backend("mlp", x.device, backend or "", IMPLEMENTED)
-    if name == "cpp":
-        if backend or backends.requested_backend()[0] is not None:
-            _raise_if_refused(x, w1, b1, w2, b2)
-        elif _kernel_refusals(x, w1, b1, w2, b2) or _automatic_refusals(x, w1):
-            name = "torch"
+    rows = x.numel() // x.shape[-1]
+    name = _choose(backend, (x, w1, b1, w2, b2), lambda threads: workspace_bytes(*w1.shape[::-1], threads, rows))
     if name == "torch":
         return reference.mlp(x, w1, b1, w2, b2)
     return _mlp_op(x.reshape(-1, x.shape[-1]), w1, b1, w2, b2).view(x.shape)
@@ -314,13 +324,9 @@ def prenorm_mlp(x, norm_weight, norm_bias, eps, w1, b1, w2, b2, *, backend=None)
     residual's gradient already added. Backends and their choice as :func:`mlp`'s."""
     _check(x, w1, b1, w2, b2)
     _check_norm(x, norm_weight, norm_bias, eps)
-    name = backends.select_backend("mlp", x.device, backend or "", IMPLEMENTED)
-    if name == "cpp":
-        tensors = (x, norm_weight, norm_bias, w1, b1, w2, b2)
-        if backend or backends.requested_backend()[0] is not None:
-            _raise_if_refused(*tensors)
-        elif _kernel_refusals(*tensors) or _automatic_refusals(x, w1):
-            name = "torch"
+    rows = x.numel() // x.shape[-1]
+    name = _choose(backend, (x, norm_weight, norm_bias, w1, b1, w2, b2),
+                   lambda threads: workspace_bytes(*w1.shape[::-1], threads, rows))
     if name == "torch":
         return x + reference.mlp(torch.nn.functional.layer_norm(x, (x.shape[-1],), norm_weight, norm_bias, eps),
                                  w1, b1, w2, b2)
@@ -456,15 +462,9 @@ def prenorm_linear(x, norm_weight, norm_bias, eps, w, b, *, backend=None):
     normalised tensor). Backends and their choice as :func:`mlp`'s."""
     _check_linear(x, w, b)
     _check_norm(x, norm_weight, norm_bias, eps)
-    name = backends.select_backend("mlp", x.device, backend or "", IMPLEMENTED)
-    if name == "cpp":
-        tensors = (x, norm_weight, norm_bias, w, b)
-        if backend or backends.requested_backend()[0] is not None:
-            _raise_if_refused(*tensors)
-        elif (_kernel_refusals(*tensors) or torch.is_autocast_enabled("cpu")
-              or linear_workspace_bytes(x.shape[-1], w.shape[0], _threads(), x.numel() // x.shape[-1])
-              > MAX_CPP_WORKSPACE_BYTES):
-            name = "torch"
+    rows = x.numel() // x.shape[-1]
+    name = _choose(backend, (x, norm_weight, norm_bias, w, b),
+                   lambda threads: linear_workspace_bytes(*w.shape[::-1], threads, rows))
     if name == "torch":
         return torch.nn.functional.linear(
             torch.nn.functional.layer_norm(x, (x.shape[-1],), norm_weight, norm_bias, eps), w, b)
