@@ -62,12 +62,13 @@ MVF_INLINE void load_rows(const void* src, const Shape& s, const Row& row, float
 template <int D, class Row>
 MVF_INLINE void load_columns(const void* src, const Shape& s, const Row& row, float mul, float* dst) {
   const int64_t np = s.np();
-  for (int64_t i = 0; i < s.seq; ++i) {
-    const int64_t base = row(i);
-    for (int64_t d = 0; d < s.head_dim; ++d) dst[d * np + i] = load_as_float<D>(src, base + d) * mul;
+  // Column by column: contiguous stores (row(i) is affine in i, so the loads vectorise as gathers).
+  const int64_t base0 = row(0), step = s.seq > 1 ? row(1) - row(0) : 0;
+  for (int64_t d = 0; d < s.head_dim; ++d) {
+    float* out = dst + d * np;
+    for (int64_t i = 0; i < s.seq; ++i) out[i] = load_as_float<D>(src, base0 + i * step + d) * mul;
+    for (int64_t i = s.seq; i < np; ++i) out[i] = 0.0f;
   }
-  for (int64_t d = 0; d < s.head_dim; ++d)
-    for (int64_t i = s.seq; i < np; ++i) dst[d * np + i] = 0.0f;
 }
 
 // Both passes work on the transposed scores S^T = k (scale q)^T: row j is key j, the vector lanes are
