@@ -180,8 +180,6 @@ PYBIND11_MODULE(_C, m) {
       py::arg("db"), py::arg("rows"), py::arg("dim"), py::arg("out_dim"), py::arg("threads"));
 
   m.def("fused_layers_isa", [] { return std::string(fused_layers_isa()); });
-  m.def("mlp_backward_workspace_bytes", &mlp_backward_workspace_bytes, py::arg("dim"), py::arg("hidden"),
-        py::arg("threads"), py::arg("rows"));
 
 #ifdef MVMAE_FAST_WITH_CUDA
   m.def(

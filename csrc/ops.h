@@ -51,8 +51,6 @@ void norm_linear_backward_cpu(const float* grad_out, const float* x, const float
                               int64_t out_dim, int threads);
 // The instruction-set variant the fused layers run: "avx512", "avx2" or "generic".
 const char* fused_layers_isa();
-// Bytes of scratch the backward keeps (per calling thread, reused across calls).
-int64_t mlp_backward_workspace_bytes(int64_t dim, int64_t hidden, int threads, int64_t rows);
 
 #ifdef MVMAE_FAST_WITH_CUDA
 // CUDA launchers: enqueue on `stream` and return "" or the CUDA error string.

@@ -38,6 +38,13 @@ def check_tensor(name, value, ndim, dtypes, layout):
         raise TypeError(f"{name} must have dtype {names}; got {value.dtype}")
 
 
+def check_same_device(ref_name, ref, **tensors):
+    """Every one of ``tensors`` (by argument name) on ``ref``'s device."""
+    for name, t in tensors.items():
+        if t.device != ref.device:
+            raise ValueError(f"{name} is on {t.device} but {ref_name} is on {ref.device}")
+
+
 def check_index_values(name, ids, num_rows, unique=True, rule="be unique within each sample"):
     """Index values in [0, num_rows) and, when ``unique``, no repeats within a row (a device sync on
     CUDA: callers skip it for indices they made themselves)."""

@@ -459,6 +459,19 @@ def test_prenorm_torch_backend_is_the_formula():
     assert uses_kernel(cpp, "prenorm_mlp") and not uses_kernel(cpp)
 
 
+def check_float64_refused(fn, raw_op, inputs, expected):
+    """float64 inputs (x of last dim 32, LayerNorm eps 1e-5): fn's default falls back to torch and
+    gives ``expected(doubles)``; a forced cpp (backend= or use_backend) and the raw op raise."""
+    doubles = [t.double() for t in inputs]
+    assert torch.equal(fn(doubles), expected(doubles))
+    for context, kwargs in ((contextlib.nullcontext(), {"backend": "cpp"}), (use_backend("cpp"), {})):
+        with context, pytest.raises(UnsupportedBackendError, match="float32 only, got float64"):
+            fn(doubles, **kwargs)
+    x, norm_weight, norm_bias, *weights = doubles
+    with pytest.raises(UnsupportedBackendError, match="float32 only, got float64"):
+        raw_op(x.view(-1, 32), norm_weight, norm_bias, 1e-5, *weights)
+
+
 def test_prenorm_default_dispatch(monkeypatch):
     inputs, _ = make_prenorm_inputs((2, 17, 32), 64)
     leaves = [t.clone().requires_grad_(True) for t in inputs]
@@ -473,15 +486,8 @@ def test_prenorm_default_dispatch(monkeypatch):
         auto, forced, expected = prenorm(leaves), prenorm(leaves, backend="cpp"), prenorm(inputs, backend="torch")
     assert torch.equal(auto, expected) and not torch.equal(auto, torch_out) and not uses_kernel(auto, "prenorm_mlp")
     assert forced.dtype == torch.float32 and torch.equal(forced, cpp) and uses_kernel(forced, "prenorm_mlp")
-    # float64: the default falls back to torch, a forced cpp raises (the public function and the raw op).
-    doubles = [t.double() for t in inputs]
-    assert torch.equal(prenorm(doubles), ref_prenorm(*doubles, eps=1e-5)[0])
-    for context, kwargs in ((contextlib.nullcontext(), {"backend": "cpp"}), (use_backend("cpp"), {})):
-        with context, pytest.raises(UnsupportedBackendError, match="float32 only, got float64"):
-            prenorm(doubles, **kwargs)
-    x, norm_weight, norm_bias, *weights = doubles
-    with pytest.raises(UnsupportedBackendError, match="float32 only, got float64"):
-        torch.ops.mvmae_fast.prenorm_mlp(x.view(-1, 32), norm_weight, norm_bias, 1e-5, *weights)
+    check_float64_refused(prenorm, torch.ops.mvmae_fast.prenorm_mlp, inputs,
+                          lambda doubles: ref_prenorm(*doubles, eps=1e-5)[0])
     monkeypatch.setattr(mlp_pkg, "MAX_CPP_WORKSPACE_BYTES", 0)  # as mlp's: too much scratch -> torch
     fallback = prenorm(leaves)
     assert torch.equal(fallback, torch_out) and not uses_kernel(fallback, "prenorm_mlp")
@@ -663,15 +669,8 @@ def test_prenorm_linear_default_dispatch(monkeypatch):
         auto, forced, expected = linear(leaves), linear(leaves, backend="cpp"), linear_formula(*inputs)
     assert auto.dtype == torch.bfloat16 and torch.equal(auto, expected) and not uses_kernel(auto, "prenorm_linear")
     assert forced.dtype == torch.float32 and torch.equal(forced, cpp) and uses_kernel(forced, "prenorm_linear")
-    # float64: the default falls back to torch, a forced cpp raises (the public function and the raw op).
-    doubles = [t.double() for t in inputs]
-    assert torch.equal(linear(doubles), linear_formula(*doubles))
-    for context, kwargs in ((contextlib.nullcontext(), {"backend": "cpp"}), (use_backend("cpp"), {})):
-        with context, pytest.raises(UnsupportedBackendError, match="float32 only, got float64"):
-            linear(doubles, **kwargs)
-    x, norm_weight, norm_bias, w, b = doubles
-    with pytest.raises(UnsupportedBackendError, match="float32 only, got float64"):
-        torch.ops.mvmae_fast.prenorm_linear(x.view(-1, 32), norm_weight, norm_bias, 1e-5, w, b)
+    check_float64_refused(linear, torch.ops.mvmae_fast.prenorm_linear, inputs,
+                          lambda doubles: linear_formula(*doubles))
     # The backward's scratch (linear_workspace_bytes, not mlp's workspace_bytes) against the limit.
     need = mlp_pkg.linear_workspace_bytes(32, 40, torch.get_num_threads(), 34)
     assert need < mlp_pkg.workspace_bytes(32, 40, torch.get_num_threads(), 34)

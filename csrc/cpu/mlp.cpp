@@ -145,7 +145,7 @@ struct Tiles {
 
 // Everything a range of rows needs; pointers into the caller's tensors and the shared workspace.
 struct MlpArgs {
-  int64_t rows, dim, hidden;
+  int64_t dim, hidden;
   const float* x;
   const float *gamma, *beta;  // the LayerNorm in front (null: none)
   float eps;
@@ -266,16 +266,16 @@ MVF_INLINE void forward_rows(const MlpArgs& a, int64_t r0, int64_t r1, float* sl
   }
 }
 
-template <int NV>
+int64_t padded(int64_t n);  // n rounded up to the panel width of the variant in use (below)
+
 int64_t forward_scratch(int64_t D, int64_t Hd) {
-  return kChunk * (Tiles<NV>::pad(Hd) + Tiles<NV>::pad(D));
+  return kChunk * (padded(Hd) + padded(D));
 }
 
 // Per slot: G and A (kChunk x hp), x_c and dxn (kChunk x dp), dW1 (Hd x dp), dW2 (D x hp), then the
 // vector accumulators db1 (hp), db2, dgamma, dbeta (dp each), and the same four for one chunk.
-template <int NV>
 int64_t backward_scratch(int64_t D, int64_t Hd) {
-  const int64_t hp = Tiles<NV>::pad(Hd), dp = Tiles<NV>::pad(D);
+  const int64_t hp = padded(Hd), dp = padded(D);
   return 2 * kChunk * hp + 2 * kChunk * dp + Hd * dp + D * hp + 2 * (hp + 3 * dp);
 }
 
@@ -359,16 +359,14 @@ MVF_INLINE void linear_forward_rows(const MlpArgs& a, int64_t r0, int64_t r1, fl
   }
 }
 
-template <int NV>
 int64_t linear_forward_scratch(int64_t D, int64_t) {
-  return kChunk * Tiles<NV>::pad(D);
+  return kChunk * padded(D);
 }
 
 // Per slot: x_c and dxn (kChunk x dp), dW (Hd x dp), then db (hp), dgamma, dbeta (dp), and the same
 // three for one chunk.
-template <int NV>
 int64_t linear_backward_scratch(int64_t D, int64_t Hd) {
-  const int64_t hp = Tiles<NV>::pad(Hd), dp = Tiles<NV>::pad(D);
+  const int64_t hp = padded(Hd), dp = padded(D);
   return 2 * kChunk * dp + Hd * dp + 2 * (hp + 2 * dp);
 }
 
@@ -481,6 +479,12 @@ void pack_parallel(const float* S, int64_t sk, int64_t sn, int64_t K, int64_t N,
                [&](int64_t p0, int64_t p1) { pack(S, sk, sn, K, N, dst, p0, p1); });
 }
 
+// dst[0, n) = src, dst[n, np) = 0: a bias as the epilogues read it (whole panels).
+void copy_padded(const float* src, int64_t n, int64_t np, float* dst) {
+  std::copy(src, src + n, dst);
+  std::fill(dst + n, dst + np, 0.0f);
+}
+
 // Rows split into `slots` contiguous ranges, one per thread (each a multiple of kChunk but the last).
 int64_t row_slots(int64_t rows, int threads) {
   const int64_t chunks = (rows + kChunk - 1) / kChunk;
@@ -518,17 +522,11 @@ void sum_slots(const float* scratch, int64_t slots, int64_t per_slot, int64_t of
 
 const char* fused_layers_isa() { return variant().name; }
 
-int64_t mlp_backward_workspace_bytes(int64_t dim, int64_t hidden, int threads, int64_t rows) {
-  const int64_t hp = padded(hidden), dp = padded(dim);
-  const int64_t per_slot = variant().nv == 2 ? backward_scratch<2>(dim, hidden) : backward_scratch<1>(dim, hidden);
-  return static_cast<int64_t>(sizeof(float)) * (3 * hp * dp + hp + row_slots(rows, threads) * per_slot);
-}
-
 void mlp_forward_cpu(const float* x, const float* w1, const float* b1, const float* w2, const float* b2,
                      const float* norm_weight, const float* norm_bias, float eps, bool residual, float* out, float* mean, float* rstd, int64_t rows, int64_t dim, int64_t hidden, int threads) {
   const int64_t D = dim, Hd = hidden, hp = padded(Hd), dp = padded(D);
   const int64_t slots = row_slots(rows, threads);
-  const int64_t per_slot = variant().nv == 2 ? forward_scratch<2>(D, Hd) : forward_scratch<1>(D, Hd);
+  const int64_t per_slot = forward_scratch(D, Hd);
   float* ws = workspace(2 * hp * dp + hp + dp + slots * per_slot);
   float* w1_t = ws;             // W1^T: K = D, N = Hd
   float* w2_t = w1_t + hp * D;  // W2^T: K = Hd, N = D
@@ -537,12 +535,10 @@ void mlp_forward_cpu(const float* x, const float* w1, const float* b1, const flo
   float* scratch = bias2 + dp;
   pack_parallel(w1, 1, D, D, Hd, w1_t, threads);
   pack_parallel(w2, 1, Hd, Hd, D, w2_t, threads);
-  std::copy(b1, b1 + Hd, bias1);
-  std::fill(bias1 + Hd, bias1 + hp, 0.0f);
-  std::copy(b2, b2 + D, bias2);
-  std::fill(bias2 + D, bias2 + dp, 0.0f);
+  copy_padded(b1, Hd, hp, bias1);
+  copy_padded(b2, D, dp, bias2);
   MlpArgs a{};
-  a.rows = rows, a.dim = D, a.hidden = Hd, a.x = x, a.out = out;
+  a.dim = D, a.hidden = Hd, a.x = x, a.out = out;
   a.gamma = norm_weight, a.beta = norm_bias, a.eps = eps, a.residual = residual, a.mean = mean, a.rstd = rstd;
   a.w1_t = w1_t, a.w2_t = w2_t, a.b1 = bias1, a.b2 = bias2;
   const auto forward = variant().forward;
@@ -557,7 +553,7 @@ void mlp_backward_cpu(const float* grad_out, const float* x, const float* mean, 
                       float* dnorm_bias, int64_t rows, int64_t dim, int64_t hidden, int threads) {
   const int64_t D = dim, Hd = hidden, hp = padded(Hd), dp = padded(D);
   const int64_t slots = row_slots(rows, threads);
-  const int64_t per_slot = variant().nv == 2 ? backward_scratch<2>(D, Hd) : backward_scratch<1>(D, Hd);
+  const int64_t per_slot = backward_scratch(D, Hd);
   float* ws = workspace(3 * hp * dp + hp + slots * per_slot);
   float* w2p = ws;             // W2: K = D, N = Hd
   float* w1p = w2p + dp * hp;  // W1: K = Hd, N = D
@@ -567,11 +563,10 @@ void mlp_backward_cpu(const float* grad_out, const float* x, const float* mean, 
   pack_parallel(w2, Hd, 1, D, Hd, w2p, threads);
   pack_parallel(w1, D, 1, Hd, D, w1p, threads);
   pack_parallel(w1, 1, D, D, Hd, w1t, threads);
-  std::copy(b1, b1 + Hd, bias1);
-  std::fill(bias1 + Hd, bias1 + hp, 0.0f);
+  copy_padded(b1, Hd, hp, bias1);
   MlpArgs a{};
   a.w1_t = w1t, a.b1 = bias1;
-  a.rows = rows, a.dim = D, a.hidden = Hd, a.x = x, a.grad_out = grad_out;
+  a.dim = D, a.hidden = Hd, a.x = x, a.grad_out = grad_out;
   a.gamma = norm_weight, a.beta = norm_bias, a.residual = residual;
   a.mean = const_cast<float*>(mean), a.rstd = const_cast<float*>(rstd);
   a.w2 = w2p, a.w1 = w1p, a.dx = dx;
@@ -596,16 +591,15 @@ void norm_linear_forward_cpu(const float* x, const float* norm_weight, const flo
                              int64_t dim, int64_t out_dim, int threads) {
   const int64_t D = dim, Hd = out_dim, hp = padded(Hd);
   const int64_t slots = row_slots(rows, threads);
-  const int64_t per_slot = variant().nv == 2 ? linear_forward_scratch<2>(D, Hd) : linear_forward_scratch<1>(D, Hd);
+  const int64_t per_slot = linear_forward_scratch(D, Hd);
   float* ws = workspace(hp * D + hp + slots * per_slot);
   float* w_t = ws;  // W^T: K = D, N = Hd
   float* bias = w_t + hp * D;
   float* scratch = bias + hp;
   pack_parallel(w, 1, D, D, Hd, w_t, threads);
-  std::copy(b, b + Hd, bias);
-  std::fill(bias + Hd, bias + hp, 0.0f);
+  copy_padded(b, Hd, hp, bias);
   MlpArgs a{};
-  a.rows = rows, a.dim = D, a.hidden = Hd, a.x = x, a.out = out;
+  a.dim = D, a.hidden = Hd, a.x = x, a.out = out;
   a.gamma = norm_weight, a.beta = norm_bias, a.eps = eps, a.mean = mean, a.rstd = rstd, a.w1_t = w_t, a.b1 = bias;
   const auto forward = variant().linear_forward;
   for_each_slot(rows, slots, threads, [&](int64_t s, int64_t r0, int64_t r1) {
@@ -619,13 +613,13 @@ void norm_linear_backward_cpu(const float* grad_out, const float* x, const float
                               int64_t out_dim, int threads) {
   const int64_t D = dim, Hd = out_dim, hp = padded(Hd), dp = padded(D);
   const int64_t slots = row_slots(rows, threads);
-  const int64_t per_slot = variant().nv == 2 ? linear_backward_scratch<2>(D, Hd) : linear_backward_scratch<1>(D, Hd);
+  const int64_t per_slot = linear_backward_scratch(D, Hd);
   float* ws = workspace(hp * dp + slots * per_slot);
   float* wp = ws;  // W: K = Hd, N = D
   float* scratch = wp + hp * dp;
   pack_parallel(w, D, 1, Hd, D, wp, threads);
   MlpArgs a{};
-  a.rows = rows, a.dim = D, a.hidden = Hd, a.x = x, a.grad_out = grad_out, a.dx = dx, a.w1 = wp;
+  a.dim = D, a.hidden = Hd, a.x = x, a.grad_out = grad_out, a.dx = dx, a.w1 = wp;
   a.gamma = norm_weight, a.beta = norm_bias, a.mean = const_cast<float*>(mean), a.rstd = const_cast<float*>(rstd);
   const auto backward = variant().linear_backward;
   for_each_slot(rows, slots, threads, [&](int64_t s, int64_t r0, int64_t r1) {

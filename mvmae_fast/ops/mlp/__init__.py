@@ -23,13 +23,13 @@ saying why when it cannot.
 import torch
 
 from ... import _ext, backends
-from ..._utils import check_tensor, new_output
+from ..._utils import check_same_device, check_tensor, new_output
 from . import reference
 
 IMPLEMENTED = ("torch", "cpp")
 _DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
-# The backward keeps, per thread, fp32 accumulators for both weight gradients plus the chunk's
-# buffers (reused across calls): about 4 * (2 * D * Hd + 300 * Hd) bytes per thread.
+# The backward keeps, per thread, fp32 accumulators for the weight gradients plus the chunk's buffers
+# (reused across calls; see workspace_bytes); above this the automatic choice takes torch.
 MAX_CPP_WORKSPACE_BYTES = 256 << 20
 
 
@@ -54,9 +54,7 @@ def _check(x, w1, b1, w2, b2):
         if tuple(t.shape) != want:
             raise ValueError(f"{name} must have shape {want} to match w1 of shape {tuple(w1.shape)}, "
                              f"got {tuple(t.shape)}")
-    for name, t in (("w1", w1), ("b1", b1), ("w2", w2), ("b2", b2)):
-        if t.device != x.device:
-            raise ValueError(f"{name} is on {t.device} but x is on {x.device}")
+    check_same_device("x", x, w1=w1, b1=b1, w2=w2, b2=b2)
 
 
 def _kernel_refusals(x, *others):
@@ -72,14 +70,20 @@ def _kernel_refusals(x, *others):
     return reasons
 
 
+_CHUNK = 96  # csrc/cpu/mlp.cpp's kChunk
+
+
+def _scratch_shape(dim, hidden, threads, rows):
+    """(hp, dp, slots): the widths padded to AVX-512's 32-wide panels (the widest variant's) and the
+    number of per-thread slots, as csrc/cpu/mlp.cpp lays out its scratch."""
+    return -(-hidden // 32) * 32, -(-dim // 32) * 32, max(1, min(threads, -(-rows // _CHUNK)))
+
+
 def workspace_bytes(dim, hidden, threads, rows):
-    """An upper bound on the scratch the cpp backward keeps (csrc/cpu/mlp.cpp's
-    mlp_backward_workspace_bytes, with AVX-512's 32-wide panels); plain arithmetic, so
-    ``torch.compile`` folds it instead of breaking the graph on a call into the extension."""
-    chunk = 96
-    hp, dp = -(-hidden // 32) * 32, -(-dim // 32) * 32
-    slots = max(1, min(threads, -(-rows // chunk)))
-    per_slot = 2 * chunk * hp + 2 * chunk * dp + hidden * dp + dim * hp + 2 * (hp + 3 * dp)
+    """An upper bound on the scratch the cpp MLP backward keeps (mlp_backward_cpu: three packed weights,
+    the padded bias, then backward_scratch per slot); plain arithmetic, so ``torch.compile`` folds it."""
+    hp, dp, slots = _scratch_shape(dim, hidden, threads, rows)
+    per_slot = 2 * _CHUNK * hp + 2 * _CHUNK * dp + hidden * dp + dim * hp + 2 * (hp + 3 * dp)
     return 4 * (3 * hp * dp + hp + slots * per_slot)
 
 
@@ -141,9 +145,7 @@ def _check_backward(grad_out, x, w1, b1, w2, op="mlp_backward"):
         if tuple(t.shape) != want:
             raise ValueError(f"{op}: {name} must have shape {want} (x {tuple(x.shape)}, w1 "
                              f"{tuple(w1.shape)}), got {tuple(t.shape)}")
-    for name, t in (("grad_out", grad_out), ("w1", w1), ("b1", b1), ("w2", w2)):
-        if t.device != x.device:
-            raise ValueError(f"{name} is on {t.device} but x is on {x.device}")
+    check_same_device("x", x, grad_out=grad_out, w1=w1, b1=b1, w2=w2)
     _raise_if_refused(x, grad_out, w1, b1, w2)
 
 
@@ -230,8 +232,7 @@ def _check_norm(x, norm_weight, norm_bias, eps):
         if t.shape[0] != dim:
             raise ValueError(f"{name} must have shape ({dim},) to match x of shape {tuple(x.shape)}, "
                              f"got {tuple(t.shape)}")
-        if t.device != x.device:
-            raise ValueError(f"{name} is on {t.device} but x is on {x.device}")
+    check_same_device("x", x, norm_weight=norm_weight, norm_bias=norm_bias)
     if isinstance(eps, bool) or not isinstance(eps, (int, float)) or not eps >= 0:
         raise ValueError(f"eps must be a number >= 0, got {eps!r}")
 
@@ -353,17 +354,13 @@ def _check_linear(x, w, b):
                          f"got shape {tuple(x.shape)}")
     if tuple(b.shape) != (w.shape[0],):
         raise ValueError(f"b must have shape ({w.shape[0]},) to match w of shape {tuple(w.shape)}, got {tuple(b.shape)}")
-    for name, t in (("w", w), ("b", b)):
-        if t.device != x.device:
-            raise ValueError(f"{name} is on {t.device} but x is on {x.device}")
+    check_same_device("x", x, w=w, b=b)
 
 
 def linear_workspace_bytes(dim, out_dim, threads, rows):
     """An upper bound on the scratch prenorm_linear's cpp backward keeps (as :func:`workspace_bytes`)."""
-    chunk = 96
-    hp, dp = -(-out_dim // 32) * 32, -(-dim // 32) * 32
-    slots = max(1, min(threads, -(-rows // chunk)))
-    return 4 * (hp * dp + slots * (2 * chunk * dp + out_dim * dp + 2 * (hp + 2 * dp)))
+    hp, dp, slots = _scratch_shape(dim, out_dim, threads, rows)
+    return 4 * (hp * dp + slots * (2 * _CHUNK * dp + out_dim * dp + 2 * (hp + 2 * dp)))
 
 
 @torch.library.custom_op("mvmae_fast::prenorm_linear", mutates_args=())
@@ -407,9 +404,7 @@ def _check_prenorm_linear_backward(grad_out, x, mean, rstd, norm_weight, norm_bi
         check_tensor(name, t, 1, _DTYPES, "(M,)")
         if t.shape[0] != rows:
             raise ValueError(f"prenorm_linear_backward: {name} must have shape ({rows},), got {tuple(t.shape)}")
-    for name, t in (("grad_out", grad_out), ("mean", mean), ("rstd", rstd)):
-        if t.device != x.device:
-            raise ValueError(f"{name} is on {t.device} but x is on {x.device}")
+    check_same_device("x", x, grad_out=grad_out, mean=mean, rstd=rstd)
     _raise_if_refused(x, grad_out, mean, rstd, norm_weight, norm_bias, w)
 
 

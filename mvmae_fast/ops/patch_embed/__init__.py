@@ -23,7 +23,7 @@ import torch
 import torch.nn.functional as F
 
 from ... import backends
-from ..._utils import check_index_values, check_int, check_tensor, device_guard, new_output
+from ..._utils import check_index_values, check_int, check_same_device, check_tensor, device_guard, new_output
 from . import reference
 
 _DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
@@ -291,9 +291,7 @@ def embed_visible_patches(imgs, ids_keep, proj_weight, proj_bias, pos_embed, *, 
         if proj_bias.shape[0] != D:
             raise ValueError(f"proj_bias must have shape ({D},), got {tuple(proj_bias.shape)}")
         params.append(("proj_bias", proj_bias))
-    for name, t in params:
-        if t.device != imgs.device:
-            raise ValueError(f"{name} is on {t.device} but imgs is on {imgs.device}")
+    check_same_device("imgs", imgs, **dict(params))
     autocast = torch.is_autocast_enabled(imgs.device.type)
     if not autocast and any(t.dtype != imgs.dtype for _, t in params):
         raise TypeError("outside autocast, imgs, proj_weight, proj_bias and pos_embed must share a dtype; got "

@@ -20,7 +20,7 @@ being a permutation), grad mask_token (the sum over removed rows, deterministic)
 import torch
 
 from ... import backends
-from ..._utils import check_index_values, check_int, check_tensor, device_guard, new_output
+from ..._utils import check_index_values, check_int, check_same_device, check_tensor, device_guard, new_output
 from . import reference
 
 _DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
@@ -59,9 +59,7 @@ def _check_forward(x, ids_restore, mask_token, pos):
     if tuple(pos.shape) != (1, L + 1, D):
         raise ValueError(f"decoder_pos_embed must have shape (1, {L + 1}, {D}) for L={L} patches, "
                          f"got {tuple(pos.shape)}")
-    for name, t in (("mask_token", mask_token), ("decoder_pos_embed", pos)):
-        if t.device != x.device:
-            raise ValueError(f"{name} is on {t.device} but x is on {x.device}")
+    check_same_device("x", x, mask_token=mask_token, decoder_pos_embed=pos)
     return L
 
 
