@@ -179,6 +179,67 @@ PYBIND11_MODULE(_C, m) {
       py::arg("norm_bias"), py::arg("w"), py::arg("dx"), py::arg("dnorm_weight"), py::arg("dnorm_bias"), py::arg("dw"),
       py::arg("db"), py::arg("rows"), py::arg("dim"), py::arg("out_dim"), py::arg("threads"));
 
+  // The autocast layers' elementwise kernels (cpu/autocast.cpp).
+  m.def(
+      "layer_norm_bf16_forward_cpu",
+      [](uintptr_t x, uintptr_t gamma, uintptr_t beta, float eps, uintptr_t out, uintptr_t mean, uintptr_t rstd,
+         int64_t rows, int64_t dim, int threads) {
+        py::gil_scoped_release release;
+        layer_norm_bf16_forward_cpu(ptr<const float>(x), ptr<const float>(gamma), ptr<const float>(beta), eps,
+                                    ptr<uint16_t>(out), ptr<float>(mean), ptr<float>(rstd), rows, dim, threads);
+      },
+      py::arg("x"), py::arg("gamma"), py::arg("beta"), py::arg("eps"), py::arg("out"), py::arg("mean"),
+      py::arg("rstd"), py::arg("rows"), py::arg("dim"), py::arg("threads"));
+  m.def(
+      "gelu_bf16_forward_cpu",
+      [](uintptr_t pre, uintptr_t act, uintptr_t deriv, int64_t numel, int threads) {
+        py::gil_scoped_release release;
+        gelu_bf16_forward_cpu(ptr<const uint16_t>(pre), ptr<uint16_t>(act), ptr<uint16_t>(deriv), numel, threads);
+      },
+      py::arg("pre"), py::arg("act"), py::arg("deriv"), py::arg("numel"), py::arg("threads"));
+  m.def(
+      "cast_bf16_colsum_cpu",
+      [](uintptr_t g, uintptr_t out, uintptr_t colsum, int64_t rows, int64_t cols, int threads) {
+        py::gil_scoped_release release;
+        cast_bf16_colsum_cpu(ptr<const float>(g), ptr<uint16_t>(out), ptr<float>(colsum), rows, cols, threads);
+      },
+      py::arg("g"), py::arg("out"), py::arg("colsum"), py::arg("rows"), py::arg("cols"), py::arg("threads"));
+  m.def(
+      "gelu_bf16_backward_cpu",
+      [](uintptr_t dact, uintptr_t deriv, uintptr_t dpre, uintptr_t colsum, int64_t rows, int64_t cols, int threads) {
+        py::gil_scoped_release release;
+        gelu_bf16_backward_cpu(ptr<const uint16_t>(dact), ptr<const uint16_t>(deriv), ptr<uint16_t>(dpre),
+                               ptr<float>(colsum), rows, cols, threads);
+      },
+      py::arg("dact"), py::arg("deriv"), py::arg("dpre"), py::arg("colsum"), py::arg("rows"), py::arg("cols"),
+      py::arg("threads"));
+  m.def(
+      "layer_norm_bf16_backward_cpu",
+      [](uintptr_t dy, uintptr_t x, uintptr_t mean, uintptr_t rstd, uintptr_t gamma, uintptr_t residual, uintptr_t dx,
+         uintptr_t dgamma, uintptr_t dbeta, int64_t rows, int64_t dim, int threads) {
+        py::gil_scoped_release release;
+        layer_norm_bf16_backward_cpu(ptr<const uint16_t>(dy), ptr<const float>(x), ptr<const float>(mean),
+                                     ptr<const float>(rstd), ptr<const float>(gamma), ptr<const float>(residual),
+                                     ptr<float>(dx), ptr<float>(dgamma), ptr<float>(dbeta), rows, dim, threads);
+      },
+      py::arg("dy"), py::arg("x"), py::arg("mean"), py::arg("rstd"), py::arg("gamma"), py::arg("residual"),
+      py::arg("dx"), py::arg("dgamma"), py::arg("dbeta"), py::arg("rows"), py::arg("dim"), py::arg("threads"));
+
+  m.def(
+      "colsum_bf16_cpu",
+      [](uintptr_t g, uintptr_t colsum, int64_t rows, int64_t cols, int threads) {
+        py::gil_scoped_release release;
+        colsum_bf16_cpu(ptr<const uint16_t>(g), ptr<float>(colsum), rows, cols, threads);
+      },
+      py::arg("g"), py::arg("colsum"), py::arg("rows"), py::arg("cols"), py::arg("threads"));
+  m.def(
+      "add_bf16_cpu",
+      [](uintptr_t x, uintptr_t y, uintptr_t out, int64_t numel, int threads) {
+        py::gil_scoped_release release;
+        add_bf16_cpu(ptr<const float>(x), ptr<const uint16_t>(y), ptr<float>(out), numel, threads);
+      },
+      py::arg("x"), py::arg("y"), py::arg("out"), py::arg("numel"), py::arg("threads"));
+
   m.def("fused_layers_isa", [] { return std::string(fused_layers_isa()); });
 
 #ifdef MVMAE_FAST_WITH_CUDA

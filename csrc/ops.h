@@ -49,6 +49,19 @@ void norm_linear_backward_cpu(const float* grad_out, const float* x, const float
                               const float* norm_weight, const float* norm_bias, const float* w, float* dx,
                               float* dnorm_weight, float* dnorm_bias, float* dw, float* db, int64_t rows, int64_t dim,
                               int64_t out_dim, int threads);
+// The pre-norm block's elementwise work under CPU bfloat16 autocast (cpu/autocast.cpp); bf16 and
+// float16 tensors cross as uint16_t. All tensors contiguous, rows x cols (or dim).
+void layer_norm_bf16_forward_cpu(const float* x, const float* gamma, const float* beta, float eps, uint16_t* out,
+                                 float* mean, float* rstd, int64_t rows, int64_t dim, int threads);
+void gelu_bf16_forward_cpu(const uint16_t* pre, uint16_t* act, uint16_t* deriv, int64_t numel, int threads);
+void cast_bf16_colsum_cpu(const float* g, uint16_t* out, float* colsum, int64_t rows, int64_t cols, int threads);
+void gelu_bf16_backward_cpu(const uint16_t* dact, const uint16_t* deriv, uint16_t* dpre, float* colsum, int64_t rows,
+                            int64_t cols, int threads);
+void layer_norm_bf16_backward_cpu(const uint16_t* dy, const float* x, const float* mean, const float* rstd,
+                                  const float* gamma, const float* residual, float* dx, float* dgamma, float* dbeta,
+                                  int64_t rows, int64_t dim, int threads);
+void colsum_bf16_cpu(const uint16_t* g, float* colsum, int64_t rows, int64_t cols, int threads);
+void add_bf16_cpu(const float* x, const uint16_t* y, float* out, int64_t numel, int threads);
 // The instruction-set variant the fused layers run: "avx512", "avx2" or "generic".
 const char* fused_layers_isa();
 

@@ -18,6 +18,19 @@ def new_output(shape, dtype, device):
     return out
 
 
+def direct_kernel_calls(*tensors):
+    """Whether an op may call its kernel directly from an autograd.Function in eager mode instead of
+    through its custom op (which costs ~50-100 us of Python dispatch per call): plain torch.Tensor (or
+    nn.Parameter) arguments, nothing tracing (torch.compile / export, jit.trace), no functorch
+    transform and no TorchDispatchMode active. Otherwise the custom op runs, which all of those
+    understand."""
+    if torch.compiler.is_compiling() or torch.jit.is_tracing():
+        return False
+    if torch._C._functorch.peek_interpreter_stack() is not None or torch._C._len_torch_dispatch_stack():
+        return False
+    return all(type(t) is torch.Tensor or type(t) is torch.nn.Parameter for t in tensors)
+
+
 def check_int(name, value, minimum=None, maximum=None):
     if isinstance(value, bool) or not isinstance(value, (int, torch.SymInt)):
         raise TypeError(f"{name} must be an int, got {type(value).__name__} {value!r}")

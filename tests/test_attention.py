@@ -11,6 +11,7 @@ fp16 before the second matmul, hence the floor.
 
 import pytest
 import torch
+from torch.fx.experimental.proxy_tensor import make_fx
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from mvmae_fast import UnsupportedBackendError, backends, use_backend
@@ -279,8 +280,13 @@ def test_torch_backend_is_plain_autograd():
     qkv, _ = make_qkv(1, 2, 9, 16, torch.float64)
     x = qkv.requires_grad_(True)
     assert "mvmae_fast_attention" in type(attention(x.float(), 2, backend="triton").grad_fn).__name__
-    assert "mvmae_fast_attention" in type(attention(x.float(), 2, backend="cpp").grad_fn).__name__
+    # cpp in eager mode: an autograd Function calling the kernels directly; traced (make_fx here),
+    # the custom op.
+    assert type(attention(x.float(), 2, backend="cpp").grad_fn).__name__ == "_EagerCppAttentionBackward"
+    traced = make_fx(lambda y: attention(y, 2, backend="cpp"))(x.detach().float())
+    assert any("mvmae_fast.attention" in str(node.target) for node in traced.graph.nodes)
     assert "mvmae_fast" not in type(attention(x, 2, backend="torch").grad_fn).__name__
+    assert "Eager" not in type(attention(x, 2, backend="torch").grad_fn).__name__
     assert torch.autograd.gradcheck(lambda y: attention(y, 2, backend="torch"), (x,))
 
 

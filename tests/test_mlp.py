@@ -184,8 +184,14 @@ def graph_names(t):
     return seen
 
 
+_EAGER_FUNCTIONS = {"mlp": "_EagerMlpBackward", "prenorm_mlp": "_EagerPrenormMlpBackward",
+                    "prenorm_linear": "_EagerPrenormLinearBackward"}
+
+
 def uses_kernel(t, op="mlp"):
-    return any(f"mvmae_fast_{op}_default" in name for name in graph_names(t))
+    """Whether the cpp kernel of ``op`` computed t: through its custom op (compiled, traced) or the
+    eager autograd Function that calls the same kernel directly."""
+    return any(f"mvmae_fast_{op}_default" in name or name == _EAGER_FUNCTIONS[op] for name in graph_names(t))
 
 
 def with_threads(count, fn):

@@ -31,28 +31,6 @@ namespace {
 
 constexpr int64_t kChunk = 96;  // rows per chunk (a multiple of every MR below)
 
-// GELU(x) = x * Phi(x) and GELU'(x) = Phi(x) + x * phi(x), Phi from Abramowitz & Stegun 7.1.26 (erf to
-// 1.5e-7, the approximation PyTorch's vectorised GELU uses) written as 0.5 * erfc(|z|) so the left
-// tail keeps its relative accuracy; the exp(-x^2 / 2) it needs is phi's too.
-MVF_INLINE void gelu_and_grad(float x, float& value, float& grad) {
-  const float z = x * 0.70710678118654752f;
-  const float t = 1.0f / (1.0f + 0.3275911f * std::fabs(z));
-  const float e = exp_nonpositive(-z * z);
-  const float poly = ((((1.061405429f * t - 1.453152027f) * t + 1.421413741f) * t - 0.284496736f) * t +
-                      0.254829592f) * t;
-  const float half_erfc = 0.5f * poly * e;
-  const float cdf = z < 0.0f ? half_erfc : 1.0f - half_erfc;
-  value = x * cdf;
-  grad = cdf + x * e * 0.39894228040143268f;
-}
-
-// The first `count` floats at p, zeros after.
-MVF_INLINE vec16 load_lanes(const float* p, int64_t count) {
-  vec16 v{};
-  std::memcpy(&v, p, static_cast<size_t>(count) * sizeof(float));
-  return v;
-}
-
 enum Epilogue { kStore, kStoreBias, kAccumulate };
 
 template <int NV>
@@ -157,68 +135,6 @@ struct MlpArgs {
   float *out, *dx;
   float *mean, *rstd;         // per row, with the norm: written by the forward, read by the backward
 };
-
-MVF_INLINE float hsum(const vec16& v) {
-  float lanes[16];
-  std::memcpy(lanes, &v, sizeof lanes);
-  float s = 0.0f;
-  for (int i = 0; i < 16; ++i) s += lanes[i];
-  return s;
-}
-
-// sum_d f(d) over d < n for a vectorisable f(float* dst16, d0) evaluated 16 lanes at a time (tail
-// lanes zero); float sums do not auto-vectorise without reassociation, hence the explicit vectors.
-template <class Fn>
-MVF_INLINE float vector_sum(int64_t n, const Fn& lanes_at) {
-  vec16 acc{};
-  int64_t d = 0;
-  for (; d + 16 <= n; d += 16) acc += lanes_at(d, 16);
-  if (d < n) acc += lanes_at(d, n - d);
-  return hsum(acc);
-}
-
-// LayerNorm statistics of one row, as torch computes them: mean and 1 / sqrt(biased var + eps).
-MVF_INLINE void row_stats(const float* x, int64_t n, float eps, float& mean, float& rstd) {
-  mean = vector_sum(n, [&](int64_t d, int64_t c) { return load_lanes(x + d, c); }) / static_cast<float>(n);
-  const float m = mean;
-  const float var = vector_sum(n, [&](int64_t d, int64_t c) {
-    float dev[16] = {};  // lanes past the row stay 0, not -mean
-    for (int64_t i = 0; i < c; ++i) dev[i] = x[d + i] - m;
-    vec16 v;
-    std::memcpy(&v, dev, sizeof v);
-    return v * v;
-  }) / static_cast<float>(n);
-  rstd = 1.0f / std::sqrt(var + eps);
-}
-
-// dst = (x - mean) * rstd * gamma + beta over a row of n, zero from n to the padded width np.
-MVF_INLINE void norm_row(const float* __restrict x, int64_t n, int64_t np, const float* __restrict gamma,
-                         const float* __restrict beta, float mean, float rstd, float* __restrict dst) {
-  for (int64_t d = 0; d < n; ++d) dst[d] = (x[d] - mean) * rstd * gamma[d] + beta[d];
-  for (int64_t d = n; d < np; ++d) dst[d] = 0.0f;
-}
-
-// LayerNorm's backward for one row, from dxn (the gradient of the normalised row): with
-// xhat = (x - mean) rstd and g = dxn gamma, dx = rstd (g - mean(g) - xhat mean(g xhat)) (+ res);
-// dgamma += dxn xhat, dbeta += dxn.
-MVF_INLINE void norm_backward_row(const float* __restrict x, const float* __restrict dxn, int64_t D, float mean,
-                                  float rstd, const float* __restrict gamma, const float* __restrict res,
-                                  float* __restrict dx, float* __restrict dgamma, float* __restrict dbeta) {
-  const float sum_g = vector_sum(D, [&](int64_t d, int64_t n) { return load_lanes(dxn + d, n) * load_lanes(gamma + d, n); });
-  const float sum_gx = vector_sum(D, [&](int64_t d, int64_t n) {
-    const vec16 xhat = (load_lanes(x + d, n) - mean) * rstd;
-    return load_lanes(dxn + d, n) * load_lanes(gamma + d, n) * xhat;
-  });
-  const float c1 = sum_gx / static_cast<float>(D), c2 = sum_g / static_cast<float>(D);
-  for (int64_t d = 0; d < D; ++d) {
-    const float xhat = (x[d] - mean) * rstd;
-    dx[d] = rstd * (dxn[d] * gamma[d] - c2 - xhat * c1);
-    dgamma[d] += dxn[d] * xhat;
-    dbeta[d] += dxn[d];
-  }
-  if (res)
-    for (int64_t d = 0; d < D; ++d) dx[d] += res[d];
-}
 
 // fc1's input rows for a chunk into dst (R x np, zero padded): LayerNorm(x) when the args have a
 // norm (the forward computes and stores the statistics, the backward reads them), else x.

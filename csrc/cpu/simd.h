@@ -49,39 +49,38 @@ MVF_INLINE uint32_t float_to_bits(float f) {
 
 MVF_INLINE float bf16_to_float(uint16_t h) { return bits_to_float(static_cast<uint32_t>(h) << 16); }
 
-// Round to nearest even, as torch does; NaN stays NaN.
+// Round to nearest even, as torch does; NaN stays NaN (quieted). Branch-free, so loops over it vectorise.
 MVF_INLINE uint16_t float_to_bf16(float f) {
-  uint32_t x = float_to_bits(f);
-  if ((x & 0x7fffffffu) > 0x7f800000u) return static_cast<uint16_t>((x >> 16) | 0x40);
-  x += 0x7fffu + ((x >> 16) & 1u);
-  return static_cast<uint16_t>(x >> 16);
+  const uint32_t x = float_to_bits(f);
+  const uint32_t rounded = (x + 0x7fffu + ((x >> 16) & 1u)) >> 16;
+  const uint32_t quiet_nan = (x >> 16) | 0x40u;
+  return static_cast<uint16_t>((x & 0x7fffffffu) > 0x7f800000u ? quiet_nan : rounded);
 }
 
-MVF_INLINE float half_to_float(uint16_t h) {
-  const uint32_t sign = static_cast<uint32_t>(h & 0x8000u) << 16;
-  const uint32_t exponent = (h >> 10) & 0x1fu;
-  const uint32_t mantissa = h & 0x3ffu;
-  if (exponent == 0) {  // zero or subnormal: mantissa * 2^-24
-    const float magnitude = static_cast<float>(mantissa) * 5.9604644775390625e-8f;
-    return bits_to_float(float_to_bits(magnitude) | sign);
-  }
-  if (exponent == 31) return bits_to_float(sign | 0x7f800000u | (mantissa << 13));
-  return bits_to_float(sign | ((exponent + 112u) << 23) | (mantissa << 13));
-}
-
-// Round to nearest even; overflow gives inf, NaN stays NaN.
+// Round to nearest even; overflow gives inf, NaN stays NaN. Branch-free (selects), so loops vectorise.
 MVF_INLINE uint16_t float_to_half(float f) {
-  uint32_t x = float_to_bits(f);
-  const uint16_t sign = static_cast<uint16_t>((x >> 16) & 0x8000u);
-  x &= 0x7fffffffu;
-  if (x >= 0x7f800000u) return sign | (x > 0x7f800000u ? 0x7e00 : 0x7c00);
-  if (x >= 0x477ff000u) return sign | 0x7c00;  // >= 65520 rounds to inf
-  if (x < 0x38800000u) {                       // below 2^-14: a subnormal half (or zero)
-    const float scaled = bits_to_float(x) * 16777216.0f;  // units of 2^-24
-    return sign | static_cast<uint16_t>(std::nearbyint(scaled));
-  }
-  x += 0xc8000fffu + ((x >> 13) & 1u);  // rebias the exponent (-112 << 23) and round
-  return sign | static_cast<uint16_t>(x >> 13);
+  const uint32_t bits = float_to_bits(f);
+  const uint32_t sign = (bits >> 16) & 0x8000u;
+  const uint32_t x = bits & 0x7fffffffu;
+  // Normal halves (x >= 2^-14): rebias the exponent (-112 << 23) and round the 13 dropped bits.
+  const uint32_t normal = (x + 0xc8000fffu + ((x >> 13) & 1u)) >> 13;
+  // Subnormal halves (x < 2^-14): adding 0.5 leaves the value in units of 2^-24 in the low bits,
+  // rounded to nearest even by the float addition itself.
+  const uint32_t subnormal = float_to_bits(bits_to_float(x) + 0.5f) - 0x3f000000u;
+  uint32_t h = x < 0x38800000u ? subnormal : normal;
+  h = x >= 0x477ff000u ? 0x7c00u : h;            // >= 65520 rounds to inf
+  h = x > 0x7f800000u ? 0x7e00u : h;             // NaN
+  return static_cast<uint16_t>(sign | h);
+}
+
+// Exact (with denormals-are-zero off: a subnormal half passes through a subnormal float); branch-free,
+// so loops vectorise. The half's exponent and mantissa bits, placed as a float's, are its value times
+// 2^-112 (subnormal halves included); the multiply rescales, and inf / NaN get the full exponent.
+MVF_INLINE float half_to_float(uint16_t h) {
+  const uint32_t em = h & 0x7fffu;
+  const float scaled = bits_to_float(em << 13) * 5.192296858534828e33f;  // 2^112
+  const uint32_t inf_nan = em >= 0x7c00u ? 0x7f800000u : 0u;
+  return bits_to_float(float_to_bits(scaled) | inf_nan | (static_cast<uint32_t>(h & 0x8000u) << 16));
 }
 
 template <int D>
@@ -176,6 +175,96 @@ MVF_INLINE void gemm(const float* A, int64_t lda, const float* B, int64_t ldb, f
     case 1: gemm_rows<1, TRANS_A>(A, lda, B, ldb, C, ldc, K, NC); break;
     default: break;
   }
+}
+
+// ---- Row helpers shared by the fused layers (mlp.cpp) and the autocast layers (autocast.cpp) ----
+
+// GELU(x) = x * Phi(x) and GELU'(x) = Phi(x) + x * phi(x), Phi from Abramowitz & Stegun 7.1.26 (erf to
+// 1.5e-7, the approximation PyTorch's vectorised GELU uses) written as 0.5 * erfc(|z|) so the left
+// tail keeps its relative accuracy; the exp(-x^2 / 2) it needs is phi's too. Past |x| = 13.19, where
+// exp(-x^2 / 2) is below float's normal range (exp_nonpositive clamps there), the limits are exact:
+// gelu = x or 0, gelu' = 1 or 0 (also for x = +-inf).
+constexpr float kGeluTailZ2 = 87.0f;  // z^2 past which exp(-z^2) underflows
+MVF_INLINE void gelu_and_grad(float x, float& value, float& grad) {
+  const float z = x * 0.70710678118654752f;
+  const float t = 1.0f / (1.0f + 0.3275911f * std::fabs(z));
+  const float e = exp_nonpositive(-z * z);
+  const float poly = ((((1.061405429f * t - 1.453152027f) * t + 1.421413741f) * t - 0.284496736f) * t +
+                      0.254829592f) * t;
+  const float half_erfc = 0.5f * poly * e;
+  const float cdf = z < 0.0f ? half_erfc : 1.0f - half_erfc;
+  const bool tail = z * z > kGeluTailZ2;
+  value = tail ? (z > 0.0f ? x : 0.0f) : x * cdf;
+  grad = tail ? (z > 0.0f ? 1.0f : 0.0f) : cdf + x * e * 0.39894228040143268f;
+}
+
+// The first `count` floats at p, zeros after.
+MVF_INLINE vec16 load_lanes(const float* p, int64_t count) {
+  vec16 v{};
+  std::memcpy(&v, p, static_cast<size_t>(count) * sizeof(float));
+  return v;
+}
+
+MVF_INLINE float hsum(const vec16& v) {
+  float lanes[16];
+  std::memcpy(lanes, &v, sizeof lanes);
+  float s = 0.0f;
+  for (int i = 0; i < 16; ++i) s += lanes[i];
+  return s;
+}
+
+// sum_d f(d) over d < n for a vectorisable f(float* dst16, d0) evaluated 16 lanes at a time (tail
+// lanes zero); float sums do not auto-vectorise without reassociation, hence the explicit vectors.
+template <class Fn>
+MVF_INLINE float vector_sum(int64_t n, const Fn& lanes_at) {
+  vec16 acc{};
+  int64_t d = 0;
+  for (; d + 16 <= n; d += 16) acc += lanes_at(d, 16);
+  if (d < n) acc += lanes_at(d, n - d);
+  return hsum(acc);
+}
+
+// LayerNorm statistics of one row, as torch computes them: mean and 1 / sqrt(biased var + eps).
+MVF_INLINE void row_stats(const float* x, int64_t n, float eps, float& mean, float& rstd) {
+  mean = vector_sum(n, [&](int64_t d, int64_t c) { return load_lanes(x + d, c); }) / static_cast<float>(n);
+  const float m = mean;
+  const float var = vector_sum(n, [&](int64_t d, int64_t c) {
+    float dev[16] = {};  // lanes past the row stay 0, not -mean
+    for (int64_t i = 0; i < c; ++i) dev[i] = x[d + i] - m;
+    vec16 v;
+    std::memcpy(&v, dev, sizeof v);
+    return v * v;
+  }) / static_cast<float>(n);
+  rstd = 1.0f / std::sqrt(var + eps);
+}
+
+// dst = (x - mean) * rstd * gamma + beta over a row of n, zero from n to the padded width np.
+MVF_INLINE void norm_row(const float* __restrict x, int64_t n, int64_t np, const float* __restrict gamma,
+                         const float* __restrict beta, float mean, float rstd, float* __restrict dst) {
+  for (int64_t d = 0; d < n; ++d) dst[d] = (x[d] - mean) * rstd * gamma[d] + beta[d];
+  for (int64_t d = n; d < np; ++d) dst[d] = 0.0f;
+}
+
+// LayerNorm's backward for one row, from dxn (the gradient of the normalised row): with
+// xhat = (x - mean) rstd and g = dxn gamma, dx = rstd (g - mean(g) - xhat mean(g xhat)) (+ res);
+// dgamma += dxn xhat, dbeta += dxn.
+MVF_INLINE void norm_backward_row(const float* __restrict x, const float* __restrict dxn, int64_t D, float mean,
+                                  float rstd, const float* __restrict gamma, const float* __restrict res,
+                                  float* __restrict dx, float* __restrict dgamma, float* __restrict dbeta) {
+  const float sum_g = vector_sum(D, [&](int64_t d, int64_t n) { return load_lanes(dxn + d, n) * load_lanes(gamma + d, n); });
+  const float sum_gx = vector_sum(D, [&](int64_t d, int64_t n) {
+    const vec16 xhat = (load_lanes(x + d, n) - mean) * rstd;
+    return load_lanes(dxn + d, n) * load_lanes(gamma + d, n) * xhat;
+  });
+  const float c1 = sum_gx / static_cast<float>(D), c2 = sum_g / static_cast<float>(D);
+  for (int64_t d = 0; d < D; ++d) {
+    const float xhat = (x[d] - mean) * rstd;
+    dx[d] = rstd * (dxn[d] * gamma[d] - c2 - xhat * c1);
+    dgamma[d] += dxn[d] * xhat;
+    dbeta[d] += dxn[d];
+  }
+  if (res)
+    for (int64_t d = 0; d < D; ++d) dx[d] += res[d];
 }
 
 }  // namespace mvmae_fast

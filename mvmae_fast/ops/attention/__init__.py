@@ -18,7 +18,7 @@ forced kernel backend raises :class:`~mvmae_fast.UnsupportedBackendError` instea
 import torch
 
 from ... import _ext, backends
-from ..._utils import check_int, check_tensor, device_guard, new_output
+from ..._utils import check_int, check_tensor, device_guard, direct_kernel_calls, new_output
 from . import reference
 
 IMPLEMENTED = ("torch", "cpp", "triton")
@@ -104,6 +104,19 @@ def _cpp_shape_args(qkv, num_heads):
             torch.get_num_threads())
 
 
+def _cpp_forward(qkv, num_heads, out, lse):
+    qkv = _cpp_qkv(qkv)
+    _ext._C.attention_forward_cpu(qkv.data_ptr(), out.data_ptr(), lse.data_ptr(), *_cpp_shape_args(qkv, num_heads))
+    return out, lse
+
+
+def _cpp_backward(grad_out, qkv, out, lse, num_heads, dqkv):
+    qkv, grad_out, out = _cpp_qkv(qkv), grad_out.contiguous(), out.contiguous()
+    _ext._C.attention_backward_cpu(grad_out.data_ptr(), qkv.data_ptr(), out.data_ptr(), lse.data_ptr(),
+                                   dqkv.data_ptr(), *_cpp_shape_args(qkv, num_heads))
+    return dqkv
+
+
 @torch.library.custom_op("mvmae_fast::attention", mutates_args=())
 def _attention_op(qkv: torch.Tensor, num_heads: int, backend: str) -> tuple[torch.Tensor, torch.Tensor]:
     _check(qkv, num_heads)
@@ -112,9 +125,7 @@ def _attention_op(qkv: torch.Tensor, num_heads: int, backend: str) -> tuple[torc
     out = new_output((B, N, C // 3), qkv.dtype, qkv.device)
     lse = new_output((B, num_heads, N), torch.float32, qkv.device)
     if name == "cpp":
-        qkv = _cpp_qkv(qkv)
-        _ext._C.attention_forward_cpu(qkv.data_ptr(), out.data_ptr(), lse.data_ptr(), *_cpp_shape_args(qkv, num_heads))
-        return out, lse
+        return _cpp_forward(qkv, num_heads, out, lse)
     from . import triton_impl
 
     with device_guard(qkv.device):
@@ -137,10 +148,7 @@ def _attention_backward_op(grad_out: torch.Tensor, qkv: torch.Tensor, out: torch
     dqkv = new_output(qkv.shape, qkv.dtype, qkv.device)
     lse = lse.contiguous()
     if name == "cpp":
-        qkv, grad_out, out = _cpp_qkv(qkv), grad_out.contiguous(), out.contiguous()
-        _ext._C.attention_backward_cpu(grad_out.data_ptr(), qkv.data_ptr(), out.data_ptr(), lse.data_ptr(),
-                                       dqkv.data_ptr(), *_cpp_shape_args(qkv, num_heads))
-        return dqkv
+        return _cpp_backward(grad_out, qkv, out, lse, num_heads, dqkv)
     from . import triton_impl
 
     with device_guard(qkv.device):
@@ -187,4 +195,27 @@ def attention(qkv, num_heads, *, backend=None):
         name = "torch"
     if name == "torch":
         return reference.attention(qkv, num_heads)
+    if name == "cpp" and direct_kernel_calls(qkv):
+        return _EagerCppAttention.apply(qkv, num_heads)
     return _attention_op(qkv, num_heads, name)[0]
+
+
+class _EagerCppAttention(torch.autograd.Function):
+    """The cpp kernels called from eager mode without the custom ops' Python dispatch (~50 us per call);
+    torch.compile and the other tracers get the custom ops (see _utils.direct_kernel_calls)."""
+
+    @staticmethod
+    def forward(ctx, qkv, num_heads):
+        B, N, C = qkv.shape
+        out, lse = _cpp_forward(qkv, num_heads, new_output((B, N, C // 3), qkv.dtype, qkv.device),
+                                new_output((B, num_heads, N), torch.float32, qkv.device))
+        ctx.save_for_backward(qkv, out, lse)
+        ctx.num_heads = num_heads
+        return out
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad_out):
+        qkv, out, lse = ctx.saved_tensors
+        dqkv = new_output(qkv.shape, qkv.dtype, qkv.device)
+        return _cpp_backward(grad_out, qkv, out, lse, ctx.num_heads, dqkv), None

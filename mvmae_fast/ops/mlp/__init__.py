@@ -23,8 +23,8 @@ saying why when it cannot.
 import torch
 
 from ... import _ext, backends
-from ..._utils import check_same_device, check_tensor, new_output
-from . import reference
+from ..._utils import check_same_device, check_tensor, direct_kernel_calls, new_output
+from . import autocast, reference
 
 IMPLEMENTED = ("torch", "cpp")
 _DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
@@ -118,6 +118,12 @@ def _choose(backend, tensors, scratch):
     return name
 
 
+def _autocast_layers(backend, tensors):
+    """Whether this call runs the autocast layers (autocast.py): the automatic choice under CPU
+    bfloat16 autocast, for float32 CPU tensors in eager mode (a forced backend runs as forced)."""
+    return not backend and backends.requested_backend()[0] is None and autocast.supported(*tensors)
+
+
 def _raise_if_refused(x, *others):
     reasons = _kernel_refusals(x, *others)
     if reasons:
@@ -156,6 +162,11 @@ def _contiguous(*tensors):
 @torch.library.custom_op("mvmae_fast::mlp", mutates_args=())
 def _mlp_op(x: torch.Tensor, w1: torch.Tensor, b1: torch.Tensor, w2: torch.Tensor, b2: torch.Tensor) -> torch.Tensor:
     _check_2d(x, w1, b1, w2, b2)
+    return _mlp_forward(x, w1, b1, w2, b2)
+
+
+def _mlp_forward(x, w1, b1, w2, b2):
+    """The kernel call behind mvmae_fast::mlp (and the eager path): arguments already checked."""
     x, w1, b1, w2, b2 = _contiguous(x, w1, b1, w2, b2)
     rows, dim = x.shape
     out = new_output((rows, dim), x.dtype, x.device)
@@ -180,6 +191,10 @@ def _vector_grads(x, dim, hidden):
 def _mlp_backward_op(grad_out: torch.Tensor, x: torch.Tensor, w1: torch.Tensor, b1: torch.Tensor,
                      w2: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     _check_backward(grad_out, x, w1, b1, w2)
+    return _mlp_backward(grad_out, x, w1, b1, w2)
+
+
+def _mlp_backward(grad_out, x, w1, b1, w2):
     grad_out, x, w1, b1, w2 = _contiguous(grad_out, x, w1, b1, w2)
     rows, dim = x.shape
     hidden = w1.shape[0]
@@ -219,7 +234,54 @@ def mlp(x, w1, b1, w2, b2, *, backend=None):
     name = _choose(backend, (x, w1, b1, w2, b2), lambda threads: workspace_bytes(*w1.shape[::-1], threads, rows))
     if name == "torch":
         return reference.mlp(x, w1, b1, w2, b2)
-    return _mlp_op(x.reshape(-1, x.shape[-1]), w1, b1, w2, b2).view(x.shape)
+    x2d = x.reshape(-1, x.shape[-1])
+    if direct_kernel_calls(x, w1, b1, w2, b2):
+        return _EagerMlp.apply(x2d, w1, b1, w2, b2).view(x.shape)
+    return _mlp_op(x2d, w1, b1, w2, b2).view(x.shape)
+
+
+# Eager mode calls the kernels from these autograd Functions (same kernels, same checks done by the
+# public functions) instead of through the custom ops, whose Python dispatch costs ~50-100 us per call
+# (~3 ms per training step of the micro preset); torch.compile, export, functorch transforms, fake
+# tensors and dispatch modes get the custom ops (see _utils.direct_kernel_calls).
+class _EagerMlp(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, w1, b1, w2, b2):
+        ctx.save_for_backward(x, w1, b1, w2)
+        return _mlp_forward(x, w1, b1, w2, b2)
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad_out):
+        return _mlp_backward(grad_out, *ctx.saved_tensors)
+
+
+class _EagerPrenormMlp(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, norm_weight, norm_bias, eps, w1, b1, w2, b2):
+        out, mean, rstd = _prenorm_forward(x, norm_weight, norm_bias, eps, w1, b1, w2, b2)
+        ctx.save_for_backward(x, mean, rstd, norm_weight, norm_bias, w1, b1, w2)
+        return out
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad_out):
+        dx, dnw, dnb, dw1, db1, dw2, db2 = _prenorm_backward_kernel(grad_out, *ctx.saved_tensors)
+        return dx, dnw, dnb, None, dw1, db1, dw2, db2
+
+
+class _EagerPrenormLinear(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, norm_weight, norm_bias, eps, w, b):
+        out, mean, rstd = _linear_forward(x, norm_weight, norm_bias, eps, w, b)
+        ctx.save_for_backward(x, mean, rstd, norm_weight, norm_bias, w)
+        return out
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad_out):
+        dx, dnw, dnb, dw, db = _linear_backward_kernel(grad_out, *ctx.saved_tensors)
+        return dx, dnw, dnb, None, dw, db
 
 
 # --------------------------------------------------------------------------- #
@@ -243,6 +305,10 @@ def _prenorm_op(x: torch.Tensor, norm_weight: torch.Tensor, norm_bias: torch.Ten
     _check_2d(x, w1, b1, w2, b2, op="prenorm_mlp")
     _check_norm(x, norm_weight, norm_bias, eps)
     _raise_if_refused(x, norm_weight, norm_bias)
+    return _prenorm_forward(x, norm_weight, norm_bias, eps, w1, b1, w2, b2)
+
+
+def _prenorm_forward(x, norm_weight, norm_bias, eps, w1, b1, w2, b2):
     x, norm_weight, norm_bias, w1, b1, w2, b2 = _contiguous(x, norm_weight, norm_bias, w1, b1, w2, b2)
     rows, dim = x.shape
     out = new_output((rows, dim), x.dtype, x.device)
@@ -268,6 +334,10 @@ def _prenorm_backward_op(grad_out: torch.Tensor, x: torch.Tensor, mean: torch.Te
                          w2: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor,
                                                     torch.Tensor, torch.Tensor, torch.Tensor]:
     _check_prenorm_backward(grad_out, x, mean, rstd, norm_weight, norm_bias, w1, b1, w2)
+    return _prenorm_backward_kernel(grad_out, x, mean, rstd, norm_weight, norm_bias, w1, b1, w2)
+
+
+def _prenorm_backward_kernel(grad_out, x, mean, rstd, norm_weight, norm_bias, w1, b1, w2):
     grad_out, x, mean, rstd, norm_weight, norm_bias, w1, b1, w2 = _contiguous(
         grad_out, x, mean, rstd, norm_weight, norm_bias, w1, b1, w2)
     rows, dim = x.shape
@@ -325,14 +395,18 @@ def prenorm_mlp(x, norm_weight, norm_bias, eps, w1, b1, w2, b2, *, backend=None)
     residual's gradient already added. Backends and their choice as :func:`mlp`'s."""
     _check(x, w1, b1, w2, b2)
     _check_norm(x, norm_weight, norm_bias, eps)
+    if _autocast_layers(backend, (x, norm_weight, norm_bias, w1, b1, w2, b2)):
+        return autocast.prenorm_mlp(x, norm_weight, norm_bias, eps, w1, b1, w2, b2)
     rows = x.numel() // x.shape[-1]
     name = _choose(backend, (x, norm_weight, norm_bias, w1, b1, w2, b2),
                    lambda threads: workspace_bytes(*w1.shape[::-1], threads, rows))
     if name == "torch":
         return x + reference.mlp(torch.nn.functional.layer_norm(x, (x.shape[-1],), norm_weight, norm_bias, eps),
                                  w1, b1, w2, b2)
-    out = _prenorm_op(x.reshape(-1, x.shape[-1]), norm_weight, norm_bias, eps, w1, b1, w2, b2)[0]
-    return out.view(x.shape)
+    args = (x.reshape(-1, x.shape[-1]), norm_weight, norm_bias, eps, w1, b1, w2, b2)
+    if direct_kernel_calls(x, norm_weight, norm_bias, w1, b1, w2, b2):
+        return _EagerPrenormMlp.apply(*args).view(x.shape)
+    return _prenorm_op(*args)[0].view(x.shape)
 
 
 # --------------------------------------------------------------------------- #
@@ -371,6 +445,10 @@ def _prenorm_linear_op(x: torch.Tensor, norm_weight: torch.Tensor, norm_bias: to
         raise ValueError(f"mvmae_fast::prenorm_linear takes x as (M, D), got shape {tuple(x.shape)}")
     _check_norm(x, norm_weight, norm_bias, eps)
     _raise_if_refused(x, norm_weight, norm_bias, w, b)
+    return _linear_forward(x, norm_weight, norm_bias, eps, w, b)
+
+
+def _linear_forward(x, norm_weight, norm_bias, eps, w, b):
     x, norm_weight, norm_bias, w, b = _contiguous(x, norm_weight, norm_bias, w, b)
     rows, dim = x.shape
     out_dim = w.shape[0]
@@ -413,6 +491,10 @@ def _prenorm_linear_backward_op(grad_out: torch.Tensor, x: torch.Tensor, mean: t
                                 norm_weight: torch.Tensor, norm_bias: torch.Tensor, w: torch.Tensor
                                 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     _check_prenorm_linear_backward(grad_out, x, mean, rstd, norm_weight, norm_bias, w)
+    return _linear_backward_kernel(grad_out, x, mean, rstd, norm_weight, norm_bias, w)
+
+
+def _linear_backward_kernel(grad_out, x, mean, rstd, norm_weight, norm_bias, w):
     grad_out, x, mean, rstd, norm_weight, norm_bias, w = _contiguous(grad_out, x, mean, rstd, norm_weight, norm_bias, w)
     rows, dim = x.shape
     out_dim = w.shape[0]
@@ -457,11 +539,15 @@ def prenorm_linear(x, norm_weight, norm_bias, eps, w, b, *, backend=None):
     normalised tensor). Backends and their choice as :func:`mlp`'s."""
     _check_linear(x, w, b)
     _check_norm(x, norm_weight, norm_bias, eps)
+    if _autocast_layers(backend, (x, norm_weight, norm_bias, w, b)):
+        return autocast.prenorm_linear(x, norm_weight, norm_bias, eps, w, b)
     rows = x.numel() // x.shape[-1]
     name = _choose(backend, (x, norm_weight, norm_bias, w, b),
                    lambda threads: linear_workspace_bytes(*w.shape[::-1], threads, rows))
     if name == "torch":
         return torch.nn.functional.linear(
             torch.nn.functional.layer_norm(x, (x.shape[-1],), norm_weight, norm_bias, eps), w, b)
-    out = _prenorm_linear_op(x.reshape(-1, x.shape[-1]), norm_weight, norm_bias, eps, w, b)[0]
-    return out.view(*x.shape[:-1], w.shape[0])
+    args = (x.reshape(-1, x.shape[-1]), norm_weight, norm_bias, eps, w, b)
+    if direct_kernel_calls(x, norm_weight, norm_bias, w, b):
+        return _EagerPrenormLinear.apply(*args).view(*x.shape[:-1], w.shape[0])
+    return _prenorm_linear_op(*args)[0].view(*x.shape[:-1], w.shape[0])

@@ -1,0 +1,295 @@
+// The pre-norm block's elementwise work under CPU bfloat16 autocast, around the linears that oneDNN
+// runs in bfloat16 (AMX / AVX512-BF16; no float32 kernel matches them there). Unfused, autocast runs
+// LayerNorm in float32 and casts its output to bfloat16, GELU and its backward as separate passes, the
+// bias gradients as more passes, casts the gradients back and forth and adds the residual's gradient
+// separately. Here (mvmae_fast/ops/mlp/autocast.py calls these between its torch.mm calls):
+//   layer_norm_bf16_forward   x (f32) -> LayerNorm(x) written as bfloat16 (+ mean, rstd per row)
+//   gelu_bf16_forward         pre (bf16) -> gelu(pre) (bf16) and gelu'(pre) * 2^14 as float16, so the
+//                             backward is one multiply instead of GELU's exp / erf a second time
+//   cast_bf16_colsum          dY (f32) -> dY as bfloat16 and its column sums (fc2's bias gradient)
+//   gelu_bf16_backward        dA (bf16), gelu' -> dH = dA gelu' (bf16) and its column sums (fc1's bias)
+//   layer_norm_bf16_backward  dXn (bf16) -> dx (f32, + the residual's gradient), dgamma, dbeta
+//   colsum_bf16               column sums of a bfloat16 gradient (the qkv bias's), no float copy
+//   add_bf16                  x (f32) + y (bf16) -> f32: the residual, without upcasting y first
+// Rows are split into contiguous per-thread ranges; column sums go through 64-row block sums into one
+// partial per range, added in range order (deterministic for a thread count).
+#include <algorithm>
+#include <cstdlib>
+#include <cstring>
+#include <vector>
+
+#if defined(__x86_64__)
+#include <immintrin.h>
+#endif
+
+#include "../ops.h"
+#include "parallel.h"
+#include "simd.h"
+
+namespace mvmae_fast {
+namespace {
+
+constexpr int64_t kBlock = 64;           // rows per block sum
+constexpr float kGeluScale = 16384.0f;  // gelu' in [-0.17, 1.13] stored times 2^14: float16's normal
+                                         // range then reaches down to |gelu'| ~ 4e-9 (x ~ -6.3)
+
+
+// Row ranges [begin, end) of `slots` contiguous parts of `rows`, one per thread.
+int64_t slot_count(int64_t rows, int64_t cols, int threads) {
+  const int64_t min_rows = std::max<int64_t>(kBlock, 8192 / std::max<int64_t>(1, cols));
+  return std::max<int64_t>(1, std::min<int64_t>(threads, rows / min_rows));
+}
+
+// Runs fn(begin, end, partial) over each slot's rows with `partial` (cols floats, zeroed) its column
+// sums, then sums the partials in slot order into colsum.
+template <class Fn>
+void with_column_sums(int64_t rows, int64_t cols, int threads, float* colsum, const Fn& fn) {
+  const int64_t slots = slot_count(rows, cols, threads);
+  std::vector<float> partial(static_cast<size_t>(slots * cols), 0.0f);
+  parallel_for(slots, 1, threads, [&](int64_t s0, int64_t s1) {
+    for (int64_t s = s0; s < s1; ++s) fn(rows * s / slots, rows * (s + 1) / slots, partial.data() + s * cols);
+  });
+  std::copy(partial.begin(), partial.begin() + cols, colsum);
+  for (int64_t s = 1; s < slots; ++s)
+    for (int64_t j = 0; j < cols; ++j) colsum[j] += partial[s * cols + j];
+}
+
+MVF_CPU_CLONES
+void cast_colsum_rows(const float* __restrict g, uint16_t* __restrict out, float* __restrict sum, int64_t begin,
+                      int64_t end, int64_t cols) {
+  std::vector<float> block(static_cast<size_t>(cols));
+  for (int64_t b0 = begin; b0 < end; b0 += kBlock) {
+    std::fill(block.begin(), block.end(), 0.0f);
+    float* __restrict acc = block.data();
+    for (int64_t r = b0; r < std::min(end, b0 + kBlock); ++r) {
+      const float* __restrict row = g + r * cols;
+      uint16_t* __restrict o = out + r * cols;
+      for (int64_t j = 0; j < cols; ++j) {
+        acc[j] += row[j];
+        o[j] = float_to_bf16(row[j]);
+      }
+    }
+    for (int64_t j = 0; j < cols; ++j) sum[j] += acc[j];
+  }
+}
+
+MVF_CPU_CLONES
+void gelu_backward_rows(const uint16_t* __restrict dact, const uint16_t* __restrict deriv, uint16_t* __restrict dpre,
+                        float* __restrict sum, int64_t begin, int64_t end, int64_t cols) {
+  std::vector<float> block(static_cast<size_t>(cols));
+  for (int64_t b0 = begin; b0 < end; b0 += kBlock) {
+    std::fill(block.begin(), block.end(), 0.0f);
+    float* __restrict acc = block.data();
+    for (int64_t r = b0; r < std::min(end, b0 + kBlock); ++r) {
+      const uint16_t* __restrict da = dact + r * cols;
+      const uint16_t* __restrict dg = deriv + r * cols;
+      uint16_t* __restrict o = dpre + r * cols;
+      for (int64_t j = 0; j < cols; ++j) {
+        const float v = bf16_to_float(da[j]) * (half_to_float(dg[j]) * (1.0f / kGeluScale));
+        acc[j] += v;
+        o[j] = float_to_bf16(v);
+      }
+    }
+    for (int64_t j = 0; j < cols; ++j) sum[j] += acc[j];
+  }
+}
+
+#if defined(__GNUC__) && defined(__x86_64__) && defined(__linux__)
+#define MVF_AUTOCAST_AVX512 1
+// The forward's arithmetic with AVX-512 intrinsics, 16 values per step: the compiler's vectorisation of
+// the generic loop spends most of its instructions on the bfloat16 / float16 conversions and the
+// division, which here are a shift, vpmovdw, vcvtps2ph and rcp14 with one Newton step.
+__attribute__((target("avx512f,avx512bw,avx512vl,avx512dq,fma,f16c")))
+void gelu_forward_avx512(const uint16_t* __restrict pre, uint16_t* __restrict act, uint16_t* __restrict deriv,
+                         int64_t begin, int64_t end) {
+  const __m512 one = _mm512_set1_ps(1.0f), half = _mm512_set1_ps(0.5f);
+  const __m512i abs_mask = _mm512_set1_epi32(0x7fffffff);
+  int64_t i = begin;
+  for (; i < end; i += 16) {
+    const int64_t n = std::min<int64_t>(16, end - i);
+    const __mmask16 lanes = static_cast<__mmask16>((1u << n) - 1u);
+    const __m256i raw = _mm256_maskz_loadu_epi16(lanes, pre + i);
+    const __m512 x = _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(raw), 16));
+    const __m512 z = _mm512_mul_ps(x, _mm512_set1_ps(0.70710678118654752f));
+    const __m512 az = _mm512_castsi512_ps(_mm512_and_si512(_mm512_castps_si512(z), abs_mask));
+    const __m512 den = _mm512_fmadd_ps(_mm512_set1_ps(0.3275911f), az, one);
+    __m512 t = _mm512_rcp14_ps(den);
+    t = _mm512_mul_ps(t, _mm512_fnmadd_ps(den, t, _mm512_set1_ps(2.0f)));  // Newton: ~2^-28 relative
+    // e = exp(-z^2), as exp_nonpositive: Cody-Waite reduction, the Cephes polynomial, scalef.
+    const __m512 arg = _mm512_max_ps(_mm512_mul_ps(_mm512_sub_ps(_mm512_setzero_ps(), z), z), _mm512_set1_ps(-87.0f));
+    const __m512 k = _mm512_roundscale_ps(_mm512_mul_ps(arg, _mm512_set1_ps(1.44269504088896341f)),
+                                          _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+    __m512 r = _mm512_fnmadd_ps(k, _mm512_set1_ps(0.693359375f), arg);
+    r = _mm512_fmadd_ps(k, _mm512_set1_ps(2.12194440e-4f), r);
+    __m512 p = _mm512_set1_ps(1.9875691500e-4f);
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.3981999507e-3f));
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(8.3334519073e-3f));
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(4.1665795894e-2f));
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.6666665459e-1f));
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(5.0000001201e-1f));
+    p = _mm512_fmadd_ps(_mm512_mul_ps(p, r), r, _mm512_add_ps(r, one));
+    const __m512 e = _mm512_scalef_ps(p, k);
+    __m512 poly = _mm512_fmadd_ps(_mm512_set1_ps(1.061405429f), t, _mm512_set1_ps(-1.453152027f));
+    poly = _mm512_fmadd_ps(poly, t, _mm512_set1_ps(1.421413741f));
+    poly = _mm512_fmadd_ps(poly, t, _mm512_set1_ps(-0.284496736f));
+    poly = _mm512_fmadd_ps(poly, t, _mm512_set1_ps(0.254829592f));
+    poly = _mm512_mul_ps(poly, t);
+    const __m512 half_erfc = _mm512_mul_ps(_mm512_mul_ps(half, poly), e);
+    const __mmask16 negative = _mm512_cmp_ps_mask(z, _mm512_setzero_ps(), _CMP_LT_OQ);
+    const __m512 cdf = _mm512_mask_blend_ps(negative, _mm512_sub_ps(one, half_erfc), half_erfc);
+    __m512 value = _mm512_mul_ps(x, cdf);
+    __m512 grad = _mm512_fmadd_ps(_mm512_mul_ps(x, e), _mm512_set1_ps(0.39894228040143268f), cdf);
+    // The tails as gelu_and_grad: past z^2 = 87, x or 0 and 1 or 0 (this also keeps +-inf from the
+    // Newton step's inf * 0).
+    const __mmask16 tail = _mm512_cmp_ps_mask(_mm512_mul_ps(z, z), _mm512_set1_ps(kGeluTailZ2), _CMP_GT_OQ);
+    const __mmask16 right = _mm512_cmp_ps_mask(z, _mm512_setzero_ps(), _CMP_GT_OQ);
+    value = _mm512_mask_blend_ps(tail, value, _mm512_maskz_mov_ps(right, x));
+    grad = _mm512_mask_blend_ps(tail, grad, _mm512_maskz_mov_ps(right, one));
+    // bfloat16, round to nearest even (NaN quieted), as float_to_bf16.
+    const __m512i bits = _mm512_castps_si512(value);
+    const __m512i lsb = _mm512_and_si512(_mm512_srli_epi32(bits, 16), _mm512_set1_epi32(1));
+    __m512i rounded = _mm512_srli_epi32(_mm512_add_epi32(bits, _mm512_add_epi32(lsb, _mm512_set1_epi32(0x7fff))), 16);
+    const __mmask16 nan = _mm512_cmp_ps_mask(value, value, _CMP_UNORD_Q);
+    rounded = _mm512_mask_or_epi32(rounded, nan, _mm512_srli_epi32(bits, 16), _mm512_set1_epi32(0x40));
+    _mm256_mask_storeu_epi16(act + i, lanes, _mm512_cvtepi32_epi16(rounded));
+    _mm256_mask_storeu_epi16(deriv + i, lanes,
+                             _mm512_cvtps_ph(_mm512_mul_ps(grad, _mm512_set1_ps(kGeluScale)),
+                                             _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC));
+  }
+}
+
+// MVMAE_FAST_CPU_ISA=avx2|generic (as mlp.cpp reads it) turns the intrinsics off, so tests can run the
+// generic loop on an AVX-512 machine.
+bool has_avx512() {
+  static const bool yes = [] {
+    const char* env = std::getenv("MVMAE_FAST_CPU_ISA");
+    if (env && (std::strcmp(env, "avx2") == 0 || std::strcmp(env, "generic") == 0)) return false;
+    __builtin_cpu_init();
+    return __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
+           __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512dq") && __builtin_cpu_supports("fma");
+  }();
+  return yes;
+}
+#endif
+
+MVF_CPU_CLONES
+void gelu_forward_rows(const uint16_t* __restrict pre, uint16_t* __restrict act, uint16_t* __restrict deriv,
+                       int64_t begin, int64_t end) {
+  for (int64_t i = begin; i < end; ++i) {
+    float value, grad;
+    gelu_and_grad(bf16_to_float(pre[i]), value, grad);
+    act[i] = float_to_bf16(value);
+    deriv[i] = float_to_half(grad * kGeluScale);
+  }
+}
+
+MVF_CPU_CLONES
+void layer_norm_rows(const float* __restrict x, const float* __restrict gamma, const float* __restrict beta, float eps,
+                     uint16_t* __restrict out, float* __restrict mean, float* __restrict rstd, int64_t begin,
+                     int64_t end, int64_t dim) {
+  for (int64_t r = begin; r < end; ++r) {
+    const float* __restrict row = x + r * dim;
+    float m, s;
+    row_stats(row, dim, eps, m, s);
+    mean[r] = m;
+    rstd[r] = s;
+    uint16_t* __restrict o = out + r * dim;
+    for (int64_t d = 0; d < dim; ++d) o[d] = float_to_bf16((row[d] - m) * s * gamma[d] + beta[d]);
+  }
+}
+
+// dgamma and dbeta of each slot at sums[0, dim) and sums[dim, 2 dim).
+MVF_CPU_CLONES
+void layer_norm_backward_rows(const uint16_t* __restrict dy, const float* __restrict x, const float* __restrict mean,
+                              const float* __restrict rstd, const float* __restrict gamma,
+                              const float* __restrict residual, float* __restrict dx, float* __restrict sums,
+                              int64_t begin, int64_t end, int64_t dim) {
+  std::vector<float> buffer(static_cast<size_t>(3 * dim));
+  float* __restrict dxn = buffer.data();
+  float* __restrict block = dxn + dim;  // dgamma, dbeta block sums
+  for (int64_t b0 = begin; b0 < end; b0 += kBlock) {
+    std::fill(block, block + 2 * dim, 0.0f);
+    for (int64_t r = b0; r < std::min(end, b0 + kBlock); ++r) {
+      const uint16_t* __restrict g = dy + r * dim;
+      for (int64_t d = 0; d < dim; ++d) dxn[d] = bf16_to_float(g[d]);
+      norm_backward_row(x + r * dim, dxn, dim, mean[r], rstd[r], gamma, residual ? residual + r * dim : nullptr,
+                        dx + r * dim, block, block + dim);
+    }
+    for (int64_t d = 0; d < 2 * dim; ++d) sums[d] += block[d];
+  }
+}
+
+MVF_CPU_CLONES
+void colsum_rows(const uint16_t* __restrict g, float* __restrict sum, int64_t begin, int64_t end, int64_t cols) {
+  std::vector<float> block(static_cast<size_t>(cols));
+  for (int64_t b0 = begin; b0 < end; b0 += kBlock) {
+    std::fill(block.begin(), block.end(), 0.0f);
+    float* __restrict acc = block.data();
+    for (int64_t r = b0; r < std::min(end, b0 + kBlock); ++r) {
+      const uint16_t* __restrict row = g + r * cols;
+      for (int64_t j = 0; j < cols; ++j) acc[j] += bf16_to_float(row[j]);
+    }
+    for (int64_t j = 0; j < cols; ++j) sum[j] += acc[j];
+  }
+}
+
+MVF_CPU_CLONES
+void add_rows(const float* __restrict x, const uint16_t* __restrict y, float* __restrict out, int64_t begin,
+              int64_t end) {
+  for (int64_t i = begin; i < end; ++i) out[i] = x[i] + bf16_to_float(y[i]);
+}
+
+}  // namespace
+
+void colsum_bf16_cpu(const uint16_t* g, float* colsum, int64_t rows, int64_t cols, int threads) {
+  with_column_sums(rows, cols, threads, colsum, [&](int64_t r0, int64_t r1, float* sum) {
+    colsum_rows(g, sum, r0, r1, cols);
+  });
+}
+
+void add_bf16_cpu(const float* x, const uint16_t* y, float* out, int64_t numel, int threads) {
+  parallel_for(numel, 32768, threads, [&](int64_t i0, int64_t i1) { add_rows(x, y, out, i0, i1); });
+}
+
+void layer_norm_bf16_forward_cpu(const float* x, const float* gamma, const float* beta, float eps, uint16_t* out,
+                                 float* mean, float* rstd, int64_t rows, int64_t dim, int threads) {
+  parallel_for(rows, std::max<int64_t>(1, 16384 / std::max<int64_t>(1, dim)), threads, [&](int64_t r0, int64_t r1) {
+    layer_norm_rows(x, gamma, beta, eps, out, mean, rstd, r0, r1, dim);
+  });
+}
+
+void gelu_bf16_forward_cpu(const uint16_t* pre, uint16_t* act, uint16_t* deriv, int64_t numel, int threads) {
+  parallel_for(numel, 16384, threads, [&](int64_t i0, int64_t i1) {
+    const FlushDenormals flush;
+#ifdef MVF_AUTOCAST_AVX512
+    if (has_avx512()) return gelu_forward_avx512(pre, act, deriv, i0, i1);
+#endif
+    gelu_forward_rows(pre, act, deriv, i0, i1);
+  });
+}
+
+void cast_bf16_colsum_cpu(const float* g, uint16_t* out, float* colsum, int64_t rows, int64_t cols, int threads) {
+  with_column_sums(rows, cols, threads, colsum, [&](int64_t r0, int64_t r1, float* sum) {
+    cast_colsum_rows(g, out, sum, r0, r1, cols);
+  });
+}
+
+void gelu_bf16_backward_cpu(const uint16_t* dact, const uint16_t* deriv, uint16_t* dpre, float* colsum, int64_t rows,
+                            int64_t cols, int threads) {
+  with_column_sums(rows, cols, threads, colsum, [&](int64_t r0, int64_t r1, float* sum) {
+    gelu_backward_rows(dact, deriv, dpre, sum, r0, r1, cols);
+  });
+}
+
+void layer_norm_bf16_backward_cpu(const uint16_t* dy, const float* x, const float* mean, const float* rstd,
+                                  const float* gamma, const float* residual, float* dx, float* dgamma, float* dbeta,
+                                  int64_t rows, int64_t dim, int threads) {
+  std::vector<float> sums(static_cast<size_t>(2 * dim));
+  with_column_sums(rows, 2 * dim, threads, sums.data(), [&](int64_t r0, int64_t r1, float* sum) {
+    layer_norm_backward_rows(dy, x, mean, rstd, gamma, residual, dx, sum, r0, r1, dim);
+  });
+  std::copy(sums.begin(), sums.begin() + dim, dgamma);
+  std::copy(sums.begin() + dim, sums.end(), dbeta);
+}
+
+}  // namespace mvmae_fast
