@@ -9,10 +9,18 @@ the CPU numbers to quote. Same models, shapes and optimizer as benchmarks/test_s
     python benchmarks/interleaved_step.py --precision bf16 --providers reference mae mvmae
     python benchmarks/interleaved_step.py --providers reference reference_sdpa_compiled mae mae_compiled \
         mvmae mvmae_compiled                                   # everything (~2 min on 2 cores)
+    python benchmarks/interleaved_step.py --isolated 3         # each provider alone in its own process,
+                                                               # processes alternated, 3 rounds
+
+Interleaving puts several models' memory in one process; ``--isolated N`` instead runs each provider
+alone in a fresh process (as training would), N rounds of alternating processes, and reports the
+median of each process's median step.
 """
 
 import argparse
 import os
+import statistics
+import subprocess
 import sys
 import time
 
@@ -30,7 +38,14 @@ def main():
     parser.add_argument("--precision", nargs="+", choices=("fp32", "bf16"), default=["fp32", "bf16"])
     parser.add_argument("--rounds", type=int, default=20)
     parser.add_argument("--warmup", type=int, default=5)
+    parser.add_argument("--isolated", type=int, default=0, metavar="N",
+                        help="run each provider alone in a fresh process, N alternating rounds")
+    parser.add_argument("--child", nargs=2, metavar=("PROVIDER", "PRECISION"), help=argparse.SUPPRESS)
     args = parser.parse_args()
+    if args.child:
+        return child(*args.child, args.warmup, args.rounds)
+    if args.isolated:
+        return isolated(args)
     device = torch.device("cpu")
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, {PRESET} batch {BATCH}, "
           f"{args.rounds} interleaved rounds")
@@ -55,6 +70,41 @@ def main():
             base = base or median
             print(f"{precision:5s} {provider:24s} {median * 1e3:7.1f} ms  {BATCH / median:7.1f} img/s  "
                   f"x{base / median:.3f} vs {args.providers[0]}")
+
+
+def child(provider, precision, warmup, rounds):
+    """One provider alone: print its median step time in seconds."""
+    torch.manual_seed(0)
+    device = torch.device("cpu")
+    model, config = build(provider, PRESET, device)
+    step = make_step(provider, model, device, BATCH, config, precision)
+    for _ in range(warmup):
+        step()
+    times = []
+    for _ in range(rounds):
+        start = time.perf_counter()
+        step()
+        times.append(time.perf_counter() - start)
+    print(statistics.median(times))
+
+
+def isolated(args):
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, {PRESET} batch {BATCH}, each provider "
+          f"alone in its own process, {args.isolated} alternating rounds of {args.rounds} steps")
+    for precision in args.precision:
+        medians = {p: [] for p in args.providers}
+        for _ in range(args.isolated):
+            for provider in args.providers:
+                out = subprocess.run([sys.executable, os.path.abspath(__file__), "--child", provider, precision,
+                                      "--warmup", str(args.warmup), "--rounds", str(args.rounds)],
+                                     check=True, capture_output=True, text=True).stdout
+                medians[provider].append(float(out.split()[-1]))
+        base = statistics.median(medians[args.providers[0]])
+        for provider, m in medians.items():
+            median = statistics.median(m)
+            ratios = ", ".join(f"{base / t:.2f}" for t in m)
+            print(f"{precision:5s} {provider:24s} {median * 1e3:7.1f} ms  {BATCH / median:7.1f} img/s  "
+                  f"x{base / median:.3f} vs {args.providers[0]} (per round: {ratios})")
 
 
 if __name__ == "__main__":
