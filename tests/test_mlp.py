@@ -184,14 +184,15 @@ def graph_names(t):
     return seen
 
 
-_EAGER_FUNCTIONS = {"mlp": "_EagerMlpBackward", "prenorm_mlp": "_EagerPrenormMlpBackward",
-                    "prenorm_linear": "_EagerPrenormLinearBackward"}
+_EAGER_FUNCTIONS = {"mlp": {"_EagerMlpBackward"}, "prenorm_mlp": {"_EagerPrenormMlpBackward"},
+                    "prenorm_linear": {"_EagerPrenormLinearBackward", "_EagerAttentionHalfBackward"}}
 
 
 def uses_kernel(t, op="mlp"):
-    """Whether the cpp kernel of ``op`` computed t: through its custom op (compiled, traced) or the
-    eager autograd Function that calls the same kernel directly."""
-    return any(f"mvmae_fast_{op}_default" in name or name == _EAGER_FUNCTIONS[op] for name in graph_names(t))
+    """Whether the cpp kernel of ``op`` computed t: through its custom op (compiled, traced) or an
+    eager autograd Function that calls the same kernel directly (prenorm_linear's also runs inside
+    the block's fused first half)."""
+    return any(f"mvmae_fast_{op}_default" in name or name in _EAGER_FUNCTIONS[op] for name in graph_names(t))
 
 
 def with_threads(count, fn):
@@ -589,6 +590,21 @@ def test_model_block():
 
     fused, fused_grads = grads(block)
     assert uses_kernel(fused, "prenorm_linear") and uses_kernel(fused, "prenorm_mlp")
+    # The first half is one node (ops.mlp.fused_attention_half), bit-identical to its pieces.
+    assert "_EagerAttentionHalfBackward" in graph_names(fused)
+    attn, norm1 = block.attn, block.norm1
+
+    def pieces(y):
+        qkv = prenorm_linear(y, norm1.weight, norm1.bias, norm1.eps, attn.qkv.weight, attn.qkv.bias)
+        y = y + attn.attend(qkv)
+        norm, fc1, fc2 = block.norm2, block.mlp.fc1, block.mlp.fc2
+        return prenorm_mlp(y, norm.weight, norm.bias, norm.eps, fc1.weight, fc1.bias, fc2.weight, fc2.bias)
+
+    separate, separate_grads = grads(pieces)
+    assert "_EagerAttentionHalfBackward" not in graph_names(separate)
+    assert torch.equal(fused, separate)
+    for name, a, b in zip(("x", *names), fused_grads, separate_grads, strict=True):
+        assert torch.equal(a, b), name
     with use_backend("torch"):
         unfused, unfused_grads = grads(block)
         assert torch.equal(unfused, by_hand(x)) and not uses_kernel(unfused, "prenorm_mlp")

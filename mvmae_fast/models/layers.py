@@ -4,8 +4,7 @@ import torch
 from torch import nn
 
 from .. import backends, ops
-from ..ops.attention import MAX_CPP_SEQ_LEN
-from ..ops.mlp import autocast as autocast_layers
+from ..ops.mlp import fused_attention_half
 
 
 class PatchEmbed(nn.Module):
@@ -75,10 +74,9 @@ class Block(nn.Module):
     # linear, the MLP with its residual: fused on the CPU in float32, elsewhere the plain modules'
     # computation); otherwise the modules themselves run.
     def forward(self, x):
-        if self._autocast_attention_half(x):
-            norm, attn = self.norm1, self.attn
-            x = autocast_layers.attention_half(x, norm.weight, norm.bias, norm.eps, attn.qkv.weight, attn.qkv.bias,
-                                               attn.proj.weight, attn.proj.bias, attn.num_heads)
+        fused = self._fused_attention_half(x)
+        if fused is not None:
+            x = fused
         elif type(self.attn) is Attention:
             x = x + self.attn.attend(self._qkv(x))
         else:
@@ -95,16 +93,15 @@ class Block(nn.Module):
         attended = ops.attention(self._qkv(x), self.attn.num_heads)
         return self._second_half(gather(x) + self.attn.proj(gather(attended)))
 
-    def _autocast_attention_half(self, x):
-        """Whether the first half runs as one autocast layer (ops/mlp/autocast.py): stock modules with
-        biases, CPU bfloat16 autocast, float32 CPU tensors, no forced backend, eager mode."""
+    def _fused_attention_half(self, x):
+        """The first half as one autograd node (ops.mlp.fused_attention_half) when the modules are the
+        stock ones with biases and the extension runs every piece here; else None."""
         norm, attn = self.norm1, self.attn
         if not (type(attn) is Attention and _plain_layer_norm(norm) and attn.qkv.bias is not None
-                and attn.proj.bias is not None and backends.requested_backend()[0] is None):
-            return False
-        return (autocast_layers.attention_supported(x, attn.num_heads, MAX_CPP_SEQ_LEN)
-                and autocast_layers.supported(x, norm.weight, norm.bias, attn.qkv.weight, attn.qkv.bias,
-                                              attn.proj.weight, attn.proj.bias))
+                and attn.proj.bias is not None):
+            return None
+        return fused_attention_half(x, norm.weight, norm.bias, norm.eps, attn.qkv.weight, attn.qkv.bias,
+                                    attn.proj.weight, attn.proj.bias, attn.num_heads)
 
     def _qkv(self, x):
         norm, qkv = self.norm1, self.attn.qkv

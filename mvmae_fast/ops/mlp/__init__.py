@@ -24,6 +24,9 @@ import torch
 
 from ... import _ext, backends
 from ..._utils import check_same_device, check_tensor, direct_kernel_calls, new_output
+from ..attention import MAX_CPP_SEQ_LEN
+from ..attention import _cpp_backward as _attention_backward
+from ..attention import _cpp_forward as _attention_forward
 from . import autocast, reference
 
 IMPLEMENTED = ("torch", "cpp")
@@ -551,3 +554,64 @@ def prenorm_linear(x, norm_weight, norm_bias, eps, w, b, *, backend=None):
     if direct_kernel_calls(x, norm_weight, norm_bias, w, b):
         return _EagerPrenormLinear.apply(*args).view(*x.shape[:-1], w.shape[0])
     return _prenorm_linear_op(*args)[0].view(*x.shape[:-1], w.shape[0])
+
+
+# --------------------------------------------------------------------------- #
+# the pre-norm block's first half, x + proj(attention(prenorm_linear(x))), as one autograd node
+# --------------------------------------------------------------------------- #
+class _EagerAttentionHalf(torch.autograd.Function):
+    """float32, eager, CPU: the fused LayerNorm + qkv kernel, the cpp attention kernels and the
+    projection (torch's GEMM) in one node, the residual added in place and its gradient added to the
+    LayerNorm's in place: no separate add, gradient-accumulation or bias-sum passes, one autograd
+    node instead of four (bit-identical to the separate ops)."""
+
+    @staticmethod
+    def forward(ctx, x, norm_weight, norm_bias, eps, w_qkv, b_qkv, w_proj, b_proj, num_heads):
+        B, N, D = x.shape
+        x2d = x.reshape(B * N, D)
+        qkv, mean, rstd = _linear_forward(x2d, norm_weight, norm_bias, eps, w_qkv, b_qkv)
+        qkv = qkv.view(B, N, 3 * D)
+        attended, lse = _attention_forward(qkv, num_heads, new_output((B, N, D), x.dtype, x.device),
+                                                   new_output((B, num_heads, N), torch.float32, x.device))
+        out = torch.addmm(b_proj, attended.view(B * N, D), w_proj.t())
+        out += x2d
+        ctx.save_for_backward(x2d, mean, rstd, norm_weight, norm_bias, w_qkv, qkv, attended, lse, w_proj)
+        ctx.num_heads = num_heads
+        return out.view(B, N, D)
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad):
+        x2d, mean, rstd, norm_weight, norm_bias, w_qkv, qkv, attended, lse, w_proj = ctx.saved_tensors
+        B, N, D = grad.shape
+        grad = grad.reshape(B * N, D).contiguous()
+        d_attended = torch.mm(grad, w_proj)
+        dw_proj = torch.mm(grad.t(), attended.view(B * N, D))
+        db_proj = grad.sum(0)
+        dqkv = _attention_backward(d_attended.view(B, N, D), qkv, attended, lse, ctx.num_heads,
+                                           new_output(qkv.shape, qkv.dtype, qkv.device))
+        dx, dnw, dnb, dw_qkv, db_qkv = _linear_backward_kernel(dqkv.view(B * N, 3 * D), x2d, mean, rstd, norm_weight,
+                                                               norm_bias, w_qkv)
+        dx += grad
+        return dx.view(B, N, D), dnw, dnb, None, dw_qkv, db_qkv, dw_proj, db_proj, None
+
+
+def fused_attention_half(x, norm_weight, norm_bias, eps, w_qkv, b_qkv, w_proj, b_proj, num_heads):
+    """``x + linear(attention(prenorm_linear(x, ...), num_heads), w_proj, b_proj)`` as one autograd
+    node when the automatic choice would run every piece on the extension in eager mode: under CPU
+    bfloat16 autocast the autocast layers' version (autocast.py), for float32 CPU tensors outside
+    autocast the float32 one; None otherwise (and under a forced backend), for the caller to run the
+    pieces. x (B, N, D), the weights those of nn.LayerNorm(D), nn.Linear(D, 3D) and nn.Linear(D, D)."""
+    tensors = (x, norm_weight, norm_bias, w_qkv, b_qkv, w_proj, b_proj)
+    if backends.requested_backend()[0] is not None or x.dim() != 3 or x.numel() == 0 or _ext._C is None:
+        return None
+    B, N, D = x.shape
+    if D % num_heads or N > MAX_CPP_SEQ_LEN:
+        return None
+    if autocast.supported(*tensors):
+        return autocast.attention_half(x, norm_weight, norm_bias, eps, w_qkv, b_qkv, w_proj, b_proj, num_heads)
+    if torch.is_autocast_enabled("cpu") or _kernel_refusals(*tensors) or not direct_kernel_calls(*tensors):
+        return None
+    if _automatic_refusals(linear_workspace_bytes(D, 3 * D, _threads(), B * N)):
+        return None
+    return _EagerAttentionHalf.apply(x, norm_weight, norm_bias, eps, w_qkv, b_qkv, w_proj, b_proj, num_heads)

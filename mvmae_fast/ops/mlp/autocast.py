@@ -11,15 +11,22 @@ bfloat16 operands, so the GEMMs are the reference's) and do the rest in the exte
 - GELU's forward also writes gelu'(pre) (float16, scaled by 2^14), kept instead of ``pre``: the
   backward is then one multiply, fused with fc1's bias gradient, instead of GELU's exp and erf again;
 - the incoming float32 gradient is cast to bfloat16 in the same pass that sums fc2's bias gradient;
-- LayerNorm's backward reads the bfloat16 gradient and adds the residual's gradient in its pass.
+- LayerNorm's backward reads the bfloat16 gradient and adds the residual's gradient in its pass;
+- the block's first half (LayerNorm, qkv, attention, projection, residual) is one autograd node
+  (:func:`attention_half`, used by ``Block``) calling the attention kernels directly, so the
+  residual add, its gradient's accumulation and the bias gradients need no passes of their own;
+- temporaries that die within a call (fc1's output before GELU, the bfloat16 gradients) live in
+  per-thread buffers reused from call to call instead of freshly mapped (page-faulting) memory.
 
 Differences from autocast's numbers: LayerNorm's statistics are summed in another order; the bias
 gradients are float32 sums of the float32 products (autocast rounds them to bfloat16); gelu'(pre)
 carries float16's rounding (2^-11 relative) before the product's bfloat16 rounding (2^-8). Weight
 gradients are bfloat16 GEMM results, as autocast's.
 
-Eager only: :func:`supported` is False while ``torch.compile`` traces (inductor fuses the same
-elementwise work itself), and for anything but float32 CPU tensors under CPU bfloat16 autocast.
+The forward is autocast's bits (tested). Eager only: :func:`supported` is False while
+``torch.compile`` traces (inductor fuses the same elementwise work itself) or any other tracer,
+transform or dispatch mode is active, and for anything but float32 CPU tensors under CPU bfloat16
+autocast. The backward is once-differentiable (double backward raises).
 """
 
 import math
@@ -111,11 +118,13 @@ class _PrenormMlp(torch.autograd.Function):
     def forward(ctx, x, norm_weight, norm_bias, eps, w1, b1, w2, b2):
         threads = torch.get_num_threads()
         shape = x.shape
-        x2d, norm_weight, norm_bias = x.reshape(-1, shape[-1]).contiguous(), norm_weight.contiguous(), norm_bias.contiguous()
+        x2d = x.reshape(-1, shape[-1]).contiguous()
+        norm_weight, norm_bias = norm_weight.contiguous(), norm_bias.contiguous()
         h, mean, rstd = _layer_norm(x2d, norm_weight, norm_bias, eps, threads)
         w1b, w2b = w1.to(_ACT_DTYPE), w2.to(_ACT_DTYPE)
         rows, hidden = x2d.shape[0], w1.shape[0]
-        pre = torch.addmm(b1.to(_ACT_DTYPE), h, w1b.t(), out=_workspace.get("hidden", (rows, hidden), _ACT_DTYPE))
+        pre = torch.addmm(b1.to(_ACT_DTYPE), h, w1b.t(),
+                          out=_workspace.get("hidden", (rows, hidden), _ACT_DTYPE))
         act, deriv = torch.empty_like(pre), torch.empty(pre.shape, dtype=torch.float16)
         _ext._C.gelu_bf16_forward_cpu(pre.data_ptr(), act.data_ptr(), deriv.data_ptr(), pre.numel(), threads)
         out = torch.addmm(b2.to(_ACT_DTYPE), act, w2b.t(), out=_workspace.get("rows", x2d.shape, _ACT_DTYPE))
@@ -147,7 +156,8 @@ class _PrenormLinear(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, norm_weight, norm_bias, eps, w, b):
         threads = torch.get_num_threads()
-        x2d, norm_weight, norm_bias = x.reshape(-1, x.shape[-1]).contiguous(), norm_weight.contiguous(), norm_bias.contiguous()
+        x2d = x.reshape(-1, x.shape[-1]).contiguous()
+        norm_weight, norm_bias = norm_weight.contiguous(), norm_bias.contiguous()
         h, mean, rstd = _layer_norm(x2d, norm_weight, norm_bias, eps, threads)
         wb = w.to(_ACT_DTYPE)
         out = torch.addmm(b.to(_ACT_DTYPE), h, wb.t())
@@ -177,7 +187,8 @@ class _AttentionHalf(torch.autograd.Function):
         threads = torch.get_num_threads()
         B, N, D = x.shape
         rows, head_dim = B * N, D // num_heads
-        x2d, norm_weight, norm_bias = x.reshape(rows, D).contiguous(), norm_weight.contiguous(), norm_bias.contiguous()
+        x2d = x.reshape(rows, D).contiguous()
+        norm_weight, norm_bias = norm_weight.contiguous(), norm_bias.contiguous()
         h, mean, rstd = _layer_norm(x2d, norm_weight, norm_bias, eps, threads)
         w_qkv_b, w_proj_b = w_qkv.to(_ACT_DTYPE), w_proj.to(_ACT_DTYPE)
         qkv = torch.addmm(b_qkv.to(_ACT_DTYPE), h, w_qkv_b.t())
@@ -185,7 +196,8 @@ class _AttentionHalf(torch.autograd.Function):
         lse = torch.empty(B, num_heads, N)
         _ext._C.attention_forward_cpu(qkv.data_ptr(), attended.data_ptr(), lse.data_ptr(), _BF16, B, N, num_heads,
                                       head_dim, 3 * D, 3 * D * N, threads)
-        out = torch.addmm(b_proj.to(_ACT_DTYPE), attended, w_proj_b.t(), out=_workspace.get("rows", (rows, D), _ACT_DTYPE))
+        out = torch.addmm(b_proj.to(_ACT_DTYPE), attended, w_proj_b.t(),
+                          out=_workspace.get("rows", (rows, D), _ACT_DTYPE))
         ctx.save_for_backward(x2d, mean, rstd, norm_weight, h, w_qkv_b, qkv, attended, lse, w_proj_b)
         ctx.num_heads = num_heads
         return _residual(x2d, out, threads).view(B, N, D)
