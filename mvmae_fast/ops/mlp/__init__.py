@@ -12,12 +12,16 @@ accumulate per thread. It is reached through the custom ops ``mvmae_fast::mlp`` 
 ``torch.compile`` traces through them. :func:`prenorm_mlp` and :func:`prenorm_linear` are the
 pre-norm block's pieces built on the same kernel.
 
-Automatic choice: ``cpp`` for float32 CPU tensors outside CPU autocast (under autocast the linears
-run in bfloat16 on the CPU's AMX / AVX512-BF16 units, which no float32 kernel matches) when the
-backward's scratch stays under :data:`MAX_CPP_WORKSPACE_BYTES`; ``torch`` otherwise (and on CUDA,
-where cuBLAS and inductor's fusions serve). A forced ``cpp`` backend runs whenever the kernel can
-(float32 CPU tensors, autocast or not) and raises :class:`~mvmae_fast.UnsupportedBackendError`
-saying why when it cannot.
+Automatic choice: ``cpp`` for float32 CPU tensors outside CPU autocast when the backward's scratch
+stays under :data:`MAX_CPP_WORKSPACE_BYTES`; under CPU bfloat16 autocast, :func:`prenorm_mlp` and
+:func:`prenorm_linear` run the autocast layers (autocast.py: autocast's own bfloat16 GEMMs on the
+CPU's AMX / AVX512-BF16 units, which no float32 kernel matches, with the elementwise work in the
+extension) and :func:`mlp` runs torch; ``torch`` otherwise (and on CUDA, where cuBLAS and inductor's
+fusions serve). A forced ``cpp`` backend runs the float32 kernel whenever it can (float32 CPU
+tensors, autocast or not) and raises :class:`~mvmae_fast.UnsupportedBackendError` saying why when
+it cannot. In eager mode the kernels are called from autograd Functions rather than through the
+custom ops (same kernels, without the custom ops' Python dispatch); :func:`fused_attention_half`
+is the block's first half as one such node.
 """
 
 import torch
