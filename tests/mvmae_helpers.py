@@ -493,3 +493,29 @@ def param_id(v):
     if isinstance(v, tuple):
         return "x".join(map(str, v))
     return str(v)
+
+
+# --------------------------------------------------------------------------- #
+# which kernels computed a tensor (autograd graph inspection)
+# --------------------------------------------------------------------------- #
+def graph_names(t):
+    """Type names of every node in t's autograd graph."""
+    seen, todo = [], [t.grad_fn]
+    while todo:
+        node = todo.pop()
+        if node is not None:
+            seen.append(type(node).__name__)
+            todo.extend(n for n, _ in node.next_functions)
+    return seen
+
+
+# The eager autograd Functions that call each fused layer's float32 cpp kernel directly (prenorm_linear's
+# also runs inside the block's fused first half).
+_EAGER_FUNCTIONS = {"mlp": {"_EagerMlpBackward"}, "prenorm_mlp": {"_EagerPrenormMlpBackward"},
+                    "prenorm_linear": {"_EagerPrenormLinearBackward", "_EagerAttentionHalfBackward"}}
+
+
+def uses_kernel(t, op="mlp"):
+    """Whether the float32 cpp kernel of fused layer ``op`` computed t: through its custom op
+    mvmae_fast::op (compiled, traced) or an eager autograd Function calling the same kernel."""
+    return any(f"mvmae_fast_{op}_default" in name or name in _EAGER_FUNCTIONS[op] for name in graph_names(t))

@@ -33,7 +33,9 @@ import torch.nn.functional as F
 
 from mvmae_fast import _ext, ops, use_backend
 from mvmae_fast.models import MVMAE, PRESETS, MVMAEConfig
+from mvmae_fast._utils import new_output
 from mvmae_fast.models.layers import Block
+from mvmae_helpers import graph_names, uses_kernel
 
 C = _ext._C
 
@@ -62,29 +64,9 @@ def threads_of(threads):
     return torch.get_num_threads() if threads is None else threads
 
 
-def graph_names(t):
-    """Type names of every node in t's autograd graph."""
-    seen, todo = [], [t.grad_fn]
-    while todo:
-        node = todo.pop()
-        if node is not None:
-            seen.append(type(node).__name__)
-            todo.extend(n for n, _ in node.next_functions)
-    return seen
-
-
 def autocast_names(t):
     """The autocast Functions in t's autograd graph."""
     return set(graph_names(t)) & {"_PrenormMlpBackward", "_PrenormLinearBackward", "_AttentionHalfBackward"}
-
-
-_EAGER_FUNCTIONS = {"prenorm_mlp": "_EagerPrenormMlpBackward", "prenorm_linear": "_EagerPrenormLinearBackward"}
-
-
-def uses_kernel(t, op):
-    """Whether the float32 cpp kernel of ``op`` computed t: through its custom op mvmae_fast::op or the
-    eager autograd Function that calls the same kernel directly (as tests/test_mlp.py's)."""
-    return any(f"mvmae_fast_{op}_default" in name or name == _EAGER_FUNCTIONS[op] for name in graph_names(t))
 
 
 def bf16_ulp(ref):
@@ -125,9 +107,15 @@ def assert_sum_accurate(kernel, values, name):
 # --------------------------------------------------------------------------- #
 # the raw kernels, called as autocast.py calls them
 # --------------------------------------------------------------------------- #
+def new(shape, dtype=torch.float32):
+    """A kernel output, NaN-filled first (MVMAE_FAST_POISON=1, set by conftest): an element a kernel
+    does not write fails the comparison."""
+    return new_output(shape, dtype, "cpu")
+
+
 def k_layer_norm(x, gamma, beta, eps, threads=None):
     rows, dim = x.shape
-    out, mean, rstd = torch.empty(rows, dim, dtype=torch.bfloat16), torch.empty(rows), torch.empty(rows)
+    out, mean, rstd = new((rows, dim), torch.bfloat16), new((rows,)), new((rows,))
     C.layer_norm_bf16_forward_cpu(x.data_ptr(), gamma.data_ptr(), beta.data_ptr(), float(eps), out.data_ptr(),
                                   mean.data_ptr(), rstd.data_ptr(), rows, dim, threads_of(threads))
     return out, mean, rstd
@@ -135,21 +123,21 @@ def k_layer_norm(x, gamma, beta, eps, threads=None):
 
 def k_gelu(pre, threads=None):
     assert pre.dtype == torch.bfloat16 and pre.is_contiguous()
-    act, deriv = torch.empty_like(pre), torch.empty(pre.shape, dtype=torch.float16)
+    act, deriv = new(pre.shape, torch.bfloat16), new(pre.shape, torch.float16)
     C.gelu_bf16_forward_cpu(pre.data_ptr(), act.data_ptr(), deriv.data_ptr(), pre.numel(), threads_of(threads))
     return act, deriv
 
 
 def k_cast_colsum(g, threads=None):
     rows, cols = g.shape
-    out, colsum = torch.empty(rows, cols, dtype=torch.bfloat16), torch.empty(cols)
+    out, colsum = new((rows, cols), torch.bfloat16), new((cols,))
     C.cast_bf16_colsum_cpu(g.data_ptr(), out.data_ptr(), colsum.data_ptr(), rows, cols, threads_of(threads))
     return out, colsum
 
 
 def k_gelu_backward(dact, deriv, threads=None):
     rows, cols = dact.shape
-    dpre, colsum = torch.empty(rows, cols, dtype=torch.bfloat16), torch.empty(cols)
+    dpre, colsum = new((rows, cols), torch.bfloat16), new((cols,))
     C.gelu_bf16_backward_cpu(dact.data_ptr(), deriv.data_ptr(), dpre.data_ptr(), colsum.data_ptr(), rows, cols,
                              threads_of(threads))
     return dpre, colsum
@@ -157,7 +145,7 @@ def k_gelu_backward(dact, deriv, threads=None):
 
 def k_layer_norm_backward(dy, x, mean, rstd, gamma, residual=None, threads=None):
     rows, dim = x.shape
-    dx, dgamma, dbeta = torch.empty(rows, dim), torch.empty(dim), torch.empty(dim)
+    dx, dgamma, dbeta = new((rows, dim)), new((dim,)), new((dim,))
     C.layer_norm_bf16_backward_cpu(dy.data_ptr(), x.data_ptr(), mean.data_ptr(), rstd.data_ptr(), gamma.data_ptr(),
                                    0 if residual is None else residual.data_ptr(), dx.data_ptr(), dgamma.data_ptr(),
                                    dbeta.data_ptr(), rows, dim, threads_of(threads))
@@ -165,13 +153,13 @@ def k_layer_norm_backward(dy, x, mean, rstd, gamma, residual=None, threads=None)
 
 
 def k_colsum(g, threads=None):
-    colsum = torch.empty(g.shape[1])
+    colsum = new((g.shape[1],))
     C.colsum_bf16_cpu(g.data_ptr(), colsum.data_ptr(), g.shape[0], g.shape[1], threads_of(threads))
     return colsum
 
 
 def k_add(x, y, threads=None):
-    out = torch.empty(x.shape)
+    out = new(x.shape)
     C.add_bf16_cpu(x.data_ptr(), y.data_ptr(), out.data_ptr(), out.numel(), threads_of(threads))
     return out
 

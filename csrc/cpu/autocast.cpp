@@ -54,44 +54,45 @@ void with_column_sums(int64_t rows, int64_t cols, int threads, float* colsum, co
     for (int64_t j = 0; j < cols; ++j) colsum[j] += partial[s * cols + j];
 }
 
-MVF_CPU_CLONES
-void cast_colsum_rows(const float* __restrict g, uint16_t* __restrict out, float* __restrict sum, int64_t begin,
-                      int64_t end, int64_t cols) {
+// Rows [begin, end) in blocks of kBlock: row(r, acc) adds row r's contribution to the block's column
+// sums acc (cols floats, zeroed per block), which are then added into sum. Inlined into each caller's
+// clones, so the row loops vectorise there.
+template <class Row>
+MVF_INLINE void block_column_sums(int64_t begin, int64_t end, int64_t cols, float* __restrict sum, const Row& row) {
   std::vector<float> block(static_cast<size_t>(cols));
   for (int64_t b0 = begin; b0 < end; b0 += kBlock) {
     std::fill(block.begin(), block.end(), 0.0f);
-    float* __restrict acc = block.data();
-    for (int64_t r = b0; r < std::min(end, b0 + kBlock); ++r) {
-      const float* __restrict row = g + r * cols;
-      uint16_t* __restrict o = out + r * cols;
-      for (int64_t j = 0; j < cols; ++j) {
-        acc[j] += row[j];
-        o[j] = float_to_bf16(row[j]);
-      }
-    }
-    for (int64_t j = 0; j < cols; ++j) sum[j] += acc[j];
+    for (int64_t r = b0; r < std::min(end, b0 + kBlock); ++r) row(r, block.data());
+    for (int64_t j = 0; j < cols; ++j) sum[j] += block[j];
   }
+}
+
+MVF_CPU_CLONES
+void cast_colsum_rows(const float* __restrict g, uint16_t* __restrict out, float* __restrict sum, int64_t begin,
+                      int64_t end, int64_t cols) {
+  block_column_sums(begin, end, cols, sum, [&](int64_t r, float* __restrict acc) {
+    const float* __restrict row = g + r * cols;
+    uint16_t* __restrict o = out + r * cols;
+    for (int64_t j = 0; j < cols; ++j) {
+      acc[j] += row[j];
+      o[j] = float_to_bf16(row[j]);
+    }
+  });
 }
 
 MVF_CPU_CLONES
 void gelu_backward_rows(const uint16_t* __restrict dact, const uint16_t* __restrict deriv, uint16_t* __restrict dpre,
                         float* __restrict sum, int64_t begin, int64_t end, int64_t cols) {
-  std::vector<float> block(static_cast<size_t>(cols));
-  for (int64_t b0 = begin; b0 < end; b0 += kBlock) {
-    std::fill(block.begin(), block.end(), 0.0f);
-    float* __restrict acc = block.data();
-    for (int64_t r = b0; r < std::min(end, b0 + kBlock); ++r) {
-      const uint16_t* __restrict da = dact + r * cols;
-      const uint16_t* __restrict dg = deriv + r * cols;
-      uint16_t* __restrict o = dpre + r * cols;
-      for (int64_t j = 0; j < cols; ++j) {
-        const float v = bf16_to_float(da[j]) * (half_to_float(dg[j]) * (1.0f / kGeluScale));
-        acc[j] += v;
-        o[j] = float_to_bf16(v);
-      }
+  block_column_sums(begin, end, cols, sum, [&](int64_t r, float* __restrict acc) {
+    const uint16_t* __restrict da = dact + r * cols;
+    const uint16_t* __restrict dg = deriv + r * cols;
+    uint16_t* __restrict o = dpre + r * cols;
+    for (int64_t j = 0; j < cols; ++j) {
+      const float v = bf16_to_float(da[j]) * (half_to_float(dg[j]) * (1.0f / kGeluScale));
+      acc[j] += v;
+      o[j] = float_to_bf16(v);
     }
-    for (int64_t j = 0; j < cols; ++j) sum[j] += acc[j];
-  }
+  });
 }
 
 #if defined(__GNUC__) && defined(__x86_64__) && defined(__linux__)
@@ -204,33 +205,21 @@ void layer_norm_backward_rows(const uint16_t* __restrict dy, const float* __rest
                               const float* __restrict rstd, const float* __restrict gamma,
                               const float* __restrict residual, float* __restrict dx, float* __restrict sums,
                               int64_t begin, int64_t end, int64_t dim) {
-  std::vector<float> buffer(static_cast<size_t>(3 * dim));
-  float* __restrict dxn = buffer.data();
-  float* __restrict block = dxn + dim;  // dgamma, dbeta block sums
-  for (int64_t b0 = begin; b0 < end; b0 += kBlock) {
-    std::fill(block, block + 2 * dim, 0.0f);
-    for (int64_t r = b0; r < std::min(end, b0 + kBlock); ++r) {
-      const uint16_t* __restrict g = dy + r * dim;
-      for (int64_t d = 0; d < dim; ++d) dxn[d] = bf16_to_float(g[d]);
-      norm_backward_row(x + r * dim, dxn, dim, mean[r], rstd[r], gamma, residual ? residual + r * dim : nullptr,
-                        dx + r * dim, block, block + dim);
-    }
-    for (int64_t d = 0; d < 2 * dim; ++d) sums[d] += block[d];
-  }
+  std::vector<float> dxn(static_cast<size_t>(dim));
+  block_column_sums(begin, end, 2 * dim, sums, [&](int64_t r, float* __restrict acc) {
+    const uint16_t* __restrict g = dy + r * dim;
+    for (int64_t d = 0; d < dim; ++d) dxn[d] = bf16_to_float(g[d]);
+    norm_backward_row(x + r * dim, dxn.data(), dim, mean[r], rstd[r], gamma, residual ? residual + r * dim : nullptr,
+                      dx + r * dim, acc, acc + dim);
+  });
 }
 
 MVF_CPU_CLONES
 void colsum_rows(const uint16_t* __restrict g, float* __restrict sum, int64_t begin, int64_t end, int64_t cols) {
-  std::vector<float> block(static_cast<size_t>(cols));
-  for (int64_t b0 = begin; b0 < end; b0 += kBlock) {
-    std::fill(block.begin(), block.end(), 0.0f);
-    float* __restrict acc = block.data();
-    for (int64_t r = b0; r < std::min(end, b0 + kBlock); ++r) {
-      const uint16_t* __restrict row = g + r * cols;
-      for (int64_t j = 0; j < cols; ++j) acc[j] += bf16_to_float(row[j]);
-    }
-    for (int64_t j = 0; j < cols; ++j) sum[j] += acc[j];
-  }
+  block_column_sums(begin, end, cols, sum, [&](int64_t r, float* __restrict acc) {
+    const uint16_t* __restrict row = g + r * cols;
+    for (int64_t j = 0; j < cols; ++j) acc[j] += bf16_to_float(row[j]);
+  });
 }
 
 MVF_CPU_CLONES

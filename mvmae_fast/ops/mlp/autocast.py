@@ -35,10 +35,11 @@ import threading
 import torch
 
 from ... import _ext
-from ..._utils import direct_kernel_calls
+from ..._utils import POISON_OUTPUTS, direct_kernel_calls, new_output
+from ..attention import _cpp_backward as _attention_backward
+from ..attention import _cpp_forward as _attention_forward
 
 _ACT_DTYPE = torch.bfloat16
-_BF16 = 1  # the attention kernels' dtype code (csrc/cpu/simd.h CpuDtype)
 
 
 class _Workspace(threading.local):
@@ -56,7 +57,10 @@ class _Workspace(threading.local):
         if buf is None or buf.dtype != dtype or buf.numel() < numel:
             with torch.inference_mode(False):  # a normal tensor even if made under inference_mode
                 buf = self.buffers[role] = torch.empty(numel, dtype=dtype)
-        return buf[:numel].view(shape)
+        out = buf[:numel].view(shape)
+        if POISON_OUTPUTS:  # as _utils.new_output: a kernel that skips an element fails the tests
+            out.fill_(float("nan"))
+        return out
 
 
 _workspace = _Workspace()
@@ -73,10 +77,14 @@ def supported(*tensors):
     return all(t.device.type == "cpu" and t.dtype == torch.float32 for t in tensors)
 
 
+def _new(shape, dtype=torch.float32):
+    """An output a kernel fills (poisoned in the tests, see _utils.new_output)."""
+    return new_output(shape, dtype, "cpu")
+
+
 def _layer_norm(x2d, norm_weight, norm_bias, eps, threads):
     rows, dim = x2d.shape
-    h = torch.empty(rows, dim, dtype=_ACT_DTYPE)
-    mean, rstd = torch.empty(rows), torch.empty(rows)
+    h, mean, rstd = _new((rows, dim), _ACT_DTYPE), _new((rows,)), _new((rows,))
     _ext._C.layer_norm_bf16_forward_cpu(x2d.data_ptr(), norm_weight.data_ptr(), norm_bias.data_ptr(), float(eps),
                                         h.data_ptr(), mean.data_ptr(), rstd.data_ptr(), rows, dim, threads)
     return h, mean, rstd
@@ -84,7 +92,7 @@ def _layer_norm(x2d, norm_weight, norm_bias, eps, threads):
 
 def _layer_norm_backward(dh, x2d, mean, rstd, norm_weight, residual, threads):
     rows, dim = x2d.shape
-    dx, dnw, dnb = torch.empty(rows, dim), torch.empty(dim), torch.empty(dim)
+    dx, dnw, dnb = _new((rows, dim)), _new((dim,)), _new((dim,))
     _ext._C.layer_norm_bf16_backward_cpu(dh.data_ptr(), x2d.data_ptr(), mean.data_ptr(), rstd.data_ptr(),
                                          norm_weight.data_ptr(), 0 if residual is None else residual.data_ptr(),
                                          dx.data_ptr(), dnw.data_ptr(), dnb.data_ptr(), rows, dim, threads)
@@ -93,14 +101,14 @@ def _layer_norm_backward(dh, x2d, mean, rstd, norm_weight, residual, threads):
 
 def _residual(x2d, y, threads):
     """x2d (float32) + y (bfloat16) -> float32 in one pass."""
-    out = torch.empty(x2d.shape)
+    out = _new(x2d.shape)
     _ext._C.add_bf16_cpu(x2d.data_ptr(), y.data_ptr(), out.data_ptr(), out.numel(), threads)
     return out
 
 
 def _colsum(g, threads):
     """Column sums of a contiguous bfloat16 (rows, cols) gradient, in float32."""
-    out = torch.empty(g.shape[1])
+    out = _new((g.shape[1],))
     _ext._C.colsum_bf16_cpu(g.data_ptr(), out.data_ptr(), g.shape[0], g.shape[1], threads)
     return out
 
@@ -108,7 +116,7 @@ def _colsum(g, threads):
 def _cast_colsum(grad, threads):
     """A float32 gradient as bfloat16 (a workspace buffer) and its column sums."""
     rows, cols = grad.shape
-    gb, colsum = _workspace.get("rows", (rows, cols), _ACT_DTYPE), torch.empty(cols)
+    gb, colsum = _workspace.get("rows", (rows, cols), _ACT_DTYPE), _new((cols,))
     _ext._C.cast_bf16_colsum_cpu(grad.data_ptr(), gb.data_ptr(), colsum.data_ptr(), rows, cols, threads)
     return gb, colsum
 
@@ -125,7 +133,7 @@ class _PrenormMlp(torch.autograd.Function):
         rows, hidden = x2d.shape[0], w1.shape[0]
         pre = torch.addmm(b1.to(_ACT_DTYPE), h, w1b.t(),
                           out=_workspace.get("hidden", (rows, hidden), _ACT_DTYPE))
-        act, deriv = torch.empty_like(pre), torch.empty(pre.shape, dtype=torch.float16)
+        act, deriv = _new(pre.shape, _ACT_DTYPE), _new(pre.shape, torch.float16)
         _ext._C.gelu_bf16_forward_cpu(pre.data_ptr(), act.data_ptr(), deriv.data_ptr(), pre.numel(), threads)
         out = torch.addmm(b2.to(_ACT_DTYPE), act, w2b.t(), out=_workspace.get("rows", x2d.shape, _ACT_DTYPE))
         ctx.save_for_backward(x2d, mean, rstd, norm_weight, h, w1b, act, deriv, w2b)
@@ -143,7 +151,7 @@ class _PrenormMlp(torch.autograd.Function):
         gb, db2 = _cast_colsum(grad, threads)
         dact = torch.mm(gb, w2b, out=_workspace.get("hidden", (rows, hidden), _ACT_DTYPE))
         dw2 = torch.mm(gb.t(), act).float()
-        dpre, db1 = _workspace.get("hidden2", (rows, hidden), _ACT_DTYPE), torch.empty(hidden)
+        dpre, db1 = _workspace.get("hidden2", (rows, hidden), _ACT_DTYPE), _new((hidden,))
         _ext._C.gelu_bf16_backward_cpu(dact.data_ptr(), deriv.data_ptr(), dpre.data_ptr(), db1.data_ptr(), rows, hidden,
                                        threads)
         dh = torch.mm(dpre, w1b, out=_workspace.get("rows", (rows, dim), _ACT_DTYPE))
@@ -186,17 +194,15 @@ class _AttentionHalf(torch.autograd.Function):
     def forward(ctx, x, norm_weight, norm_bias, eps, w_qkv, b_qkv, w_proj, b_proj, num_heads):
         threads = torch.get_num_threads()
         B, N, D = x.shape
-        rows, head_dim = B * N, D // num_heads
+        rows = B * N
         x2d = x.reshape(rows, D).contiguous()
         norm_weight, norm_bias = norm_weight.contiguous(), norm_bias.contiguous()
         h, mean, rstd = _layer_norm(x2d, norm_weight, norm_bias, eps, threads)
         w_qkv_b, w_proj_b = w_qkv.to(_ACT_DTYPE), w_proj.to(_ACT_DTYPE)
-        qkv = torch.addmm(b_qkv.to(_ACT_DTYPE), h, w_qkv_b.t())
-        attended = torch.empty(rows, D, dtype=_ACT_DTYPE)
-        lse = torch.empty(B, num_heads, N)
-        _ext._C.attention_forward_cpu(qkv.data_ptr(), attended.data_ptr(), lse.data_ptr(), _BF16, B, N, num_heads,
-                                      head_dim, 3 * D, 3 * D * N, threads)
-        out = torch.addmm(b_proj.to(_ACT_DTYPE), attended, w_proj_b.t(),
+        qkv = torch.addmm(b_qkv.to(_ACT_DTYPE), h, w_qkv_b.t()).view(B, N, 3 * D)
+        attended, lse = _attention_forward(qkv, num_heads, new_output((B, N, D), _ACT_DTYPE, x.device),
+                                           new_output((B, num_heads, N), torch.float32, x.device))
+        out = torch.addmm(b_proj.to(_ACT_DTYPE), attended.view(rows, D), w_proj_b.t(),
                           out=_workspace.get("rows", (rows, D), _ACT_DTYPE))
         ctx.save_for_backward(x2d, mean, rstd, norm_weight, h, w_qkv_b, qkv, attended, lse, w_proj_b)
         ctx.num_heads = num_heads
@@ -208,14 +214,13 @@ class _AttentionHalf(torch.autograd.Function):
         x2d, mean, rstd, norm_weight, h, w_qkv_b, qkv, attended, lse, w_proj_b = ctx.saved_tensors
         threads = torch.get_num_threads()
         B, N, D = grad.shape
-        rows, heads = B * N, ctx.num_heads
+        rows = B * N
         grad = grad.reshape(rows, D).contiguous()
         gb, db_proj = _cast_colsum(grad, threads)
         d_attended = torch.mm(gb, w_proj_b, out=_workspace.get("rows2", (rows, D), _ACT_DTYPE))
-        dw_proj = torch.mm(gb.t(), attended).float()
-        dqkv = _workspace.get("qkv", (rows, 3 * D), _ACT_DTYPE)
-        _ext._C.attention_backward_cpu(d_attended.data_ptr(), qkv.data_ptr(), attended.data_ptr(), lse.data_ptr(),
-                                       dqkv.data_ptr(), _BF16, B, N, heads, D // heads, 3 * D, 3 * D * N, threads)
+        dw_proj = torch.mm(gb.t(), attended.view(rows, D)).float()
+        dqkv = _attention_backward(d_attended.view(B, N, D), qkv, attended, lse, ctx.num_heads,
+                                   _workspace.get("qkv", (B, N, 3 * D), _ACT_DTYPE)).view(rows, 3 * D)
         db_qkv = _colsum(dqkv, threads)
         dh = torch.mm(dqkv, w_qkv_b, out=_workspace.get("rows", (rows, D), _ACT_DTYPE))
         dw_qkv = torch.mm(dqkv.t(), h).float()
@@ -225,14 +230,9 @@ class _AttentionHalf(torch.autograd.Function):
 
 def attention_half(x, norm_weight, norm_bias, eps, w_qkv, b_qkv, w_proj, b_proj, num_heads):
     """``x + proj(attention(linear(layer_norm(x))))`` as CPU bfloat16 autocast computes it with
-    mvmae_fast's attention: x (B, N, D) float32 -> float32. The caller checks :func:`supported` and
-    :func:`attention_supported`."""
+    mvmae_fast's attention: x (B, N, D) float32 -> float32. The caller (ops.mlp.fused_attention_half)
+    checks the arguments and :func:`supported`."""
     return _AttentionHalf.apply(x, norm_weight, norm_bias, eps, w_qkv, b_qkv, w_proj, b_proj, num_heads)
-
-
-def attention_supported(x, num_heads, max_seq_len):
-    """Shapes the attention half takes: x (B, N, D) with D a multiple of num_heads, 1 <= N <= max_seq_len."""
-    return (x.dim() == 3 and x.numel() > 0 and x.shape[2] % num_heads == 0 and x.shape[1] <= max_seq_len)
 
 
 def prenorm_mlp(x, norm_weight, norm_bias, eps, w1, b1, w2, b2):
