@@ -32,6 +32,7 @@ from mvmae_fast import UnsupportedBackendError, use_backend
 from mvmae_fast.models.layers import Block, Mlp
 from mvmae_fast.ops import mlp, prenorm_linear, prenorm_mlp
 from mvmae_fast.ops.mlp import reference
+from mvmae_helpers import graph_names, uses_kernel
 
 mlp_pkg = importlib.import_module("mvmae_fast.ops.mlp")  # the package: the attribute is the function
 
@@ -173,28 +174,6 @@ def check_accuracy(inputs, grad, fn=cpp_mlp, ref=ref_mlp, names=NAMES):
     return kernel
 
 
-def graph_names(t):
-    """Type names of every node in t's autograd graph."""
-    seen, todo = [], [t.grad_fn]
-    while todo:
-        node = todo.pop()
-        if node is not None:
-            seen.append(type(node).__name__)
-            todo.extend(n for n, _ in node.next_functions)
-    return seen
-
-
-_EAGER_FUNCTIONS = {"mlp": {"_EagerMlpBackward"}, "prenorm_mlp": {"_EagerPrenormMlpBackward"},
-                    "prenorm_linear": {"_EagerPrenormLinearBackward", "_EagerAttentionHalfBackward"}}
-
-
-def uses_kernel(t, op="mlp"):
-    """Whether the cpp kernel of ``op`` computed t: through its custom op (compiled, traced) or an
-    eager autograd Function that calls the same kernel directly (prenorm_linear's also runs inside
-    the block's fused first half)."""
-    return any(f"mvmae_fast_{op}_default" in name or name in _EAGER_FUNCTIONS[op] for name in graph_names(t))
-
-
 def with_threads(count, fn):
     threads = torch.get_num_threads()
     torch.set_num_threads(count)
@@ -312,7 +291,8 @@ def test_default_dispatch(monkeypatch):
     assert torch.equal(forced, torch_out) and not uses_kernel(forced)
     with use_backend("triton"), pytest.raises(UnsupportedBackendError, match="no triton implementation"):
         mlp(*inputs)
-    # Under CPU autocast the default takes torch's bfloat16 linears; a forced cpp still runs, in float32.
+    # Under CPU autocast the default takes torch's bfloat16 linears (mlp has no autocast layer); a forced
+    # cpp still runs, in float32.
     with torch.autocast("cpu", dtype=torch.bfloat16):
         auto, forced = mlp(*leaves), mlp(*leaves, backend="cpp")
     assert auto.dtype == torch.bfloat16 and not uses_kernel(auto)
@@ -488,7 +468,8 @@ def test_prenorm_default_dispatch(monkeypatch):
     with use_backend("torch"):
         forced = prenorm(leaves)
     assert torch.equal(forced, torch_out) and not uses_kernel(forced, "prenorm_mlp")
-    # Under CPU autocast the default takes torch (bfloat16 linears); a forced cpp runs in float32.
+    # Under CPU autocast the default takes the autocast layers (autocast's bits, tests/test_autocast_layers.py),
+    # not the float32 kernel; a forced cpp runs in float32.
     with torch.autocast("cpu", dtype=torch.bfloat16):
         auto, forced, expected = prenorm(leaves), prenorm(leaves, backend="cpp"), prenorm(inputs, backend="torch")
     assert torch.equal(auto, expected) and not torch.equal(auto, torch_out) and not uses_kernel(auto, "prenorm_mlp")
@@ -640,6 +621,37 @@ def test_model_block():
         assert uses_kernel(out, "prenorm_linear"), attr
 
 
+def test_fused_attention_half_validation():
+    """ops.mlp.fused_attention_half checks every argument (naming it) before any pointer reaches a kernel,
+    under autocast too; valid arguments give the Block's first half."""
+    torch.manual_seed(0)
+    D, H = 16, 2
+    x, nw, nb = torch.randn(2, 5, D), torch.ones(D), torch.zeros(D)
+    wq, bq, wp, bp = torch.randn(3 * D, D), torch.randn(3 * D), torch.randn(D, D), torch.randn(D)
+    good = (x, nw, nb, 1e-6, wq, bq, wp, bp, H)
+    cases = [((x[0], *good[1:]), ValueError, r"x must have 3 dimensions"),
+             ((x, nw, nb, 1e-6, wq[:, :8], bq, wp, bp, H), ValueError, r"w_qkv has shape \(48, 8\)|x's last dimension"),
+             ((x, nw, nb, 1e-6, wq[:40], bq[:40], wp, bp, H), ValueError, r"w_qkv must have shape \(48, 16\)"),
+             ((x, nw, nb, 1e-6, wq, bq[:5], wp, bp, H), ValueError, r"b_qkv must have shape \(48,\)"),
+             ((x, nw, nb, 1e-6, wq, bq, wp[:8], bp[:8], H), ValueError, r"w_proj must have shape \(16, 16\)"),
+             ((x, nw, nb, 1e-6, wq, bq, wp, bp[:3], H), ValueError, r"b_proj must have shape \(16,\)"),
+             ((x, nw[:3], nb, 1e-6, wq, bq, wp, bp, H), ValueError, r"norm_weight must have shape \(16,\)"),
+             ((x, nw, nb, -1.0, wq, bq, wp, bp, H), ValueError, r"eps must be a number >= 0"),
+             ((x, nw, nb, 1e-6, wq, bq, wp, bp, 3), ValueError, r"multiple of num_heads \(3\)"),
+             ((x, nw, nb, 1e-6, wq, bq, wp, bp, 0), ValueError, r"num_heads must be >= 1"),
+             ((x, nw, nb, 1e-6, wq[0], bq, wp, bp, H), ValueError, r"w_qkv must have 2 dimensions")]
+    for autocast in (False, True):
+        for args, exc, pattern in cases:
+            with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast), pytest.raises(exc, match=pattern):
+                mlp_pkg.fused_attention_half(*args)
+    block = Block(D, H)
+    with torch.no_grad():
+        for (_, p), value in zip(block.named_parameters(), (nw, nb, wq, bq, wp, bp)):
+            p.copy_(value)
+    out = mlp_pkg.fused_attention_half(*good)
+    assert out is not None and torch.equal(out, x + block.attn.attend(prenorm_linear(x, nw, nb, 1e-6, wq, bq)))
+
+
 # --------------------------------------------------------------------------- #
 # prenorm_linear: linear(layer_norm(x)), the pre-norm block's qkv projection
 # --------------------------------------------------------------------------- #
@@ -686,7 +698,8 @@ def test_prenorm_linear_default_dispatch(monkeypatch):
     assert torch.equal(forced, torch_out) and not uses_kernel(forced, "prenorm_linear")
     with use_backend("triton"), pytest.raises(UnsupportedBackendError, match="no triton implementation"):
         linear(inputs)
-    # Under CPU autocast the default takes torch (a bfloat16 linear); a forced cpp runs in float32.
+    # Under CPU autocast the default takes the autocast layers (a bfloat16 linear, autocast's bits), not the
+    # float32 kernel; a forced cpp runs in float32.
     with torch.autocast("cpu", dtype=torch.bfloat16):
         auto, forced, expected = linear(leaves), linear(leaves, backend="cpp"), linear_formula(*inputs)
     assert auto.dtype == torch.bfloat16 and torch.equal(auto, expected) and not uses_kernel(auto, "prenorm_linear")

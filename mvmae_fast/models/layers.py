@@ -98,7 +98,7 @@ class Block(nn.Module):
         stock ones with biases and the extension runs every piece here; else None."""
         norm, attn = self.norm1, self.attn
         if not (type(attn) is Attention and _plain_layer_norm(norm) and attn.qkv.bias is not None
-                and attn.proj.bias is not None):
+                and attn.proj.bias is not None and x.dim() == 3):
             return None
         return fused_attention_half(x, norm.weight, norm.bias, norm.eps, attn.qkv.weight, attn.qkv.bias,
                                     attn.proj.weight, attn.proj.bias, attn.num_heads)

@@ -27,7 +27,7 @@ is the block's first half as one such node.
 import torch
 
 from ... import _ext, backends
-from ..._utils import check_same_device, check_tensor, direct_kernel_calls, new_output
+from ..._utils import check_int, check_same_device, check_tensor, direct_kernel_calls, new_output
 from ..attention import MAX_CPP_SEQ_LEN
 from ..attention import _cpp_backward as _attention_backward
 from ..attention import _cpp_forward as _attention_forward
@@ -419,23 +419,24 @@ def prenorm_mlp(x, norm_weight, norm_bias, eps, w1, b1, w2, b2, *, backend=None)
 # --------------------------------------------------------------------------- #
 # prenorm_linear: LayerNorm then one Linear (a pre-norm block's qkv projection)
 # --------------------------------------------------------------------------- #
-def _check_linear(x, w, b):
+def _check_linear(x, w, b, w_name="w", b_name="b"):
     if not isinstance(x, torch.Tensor):
         raise TypeError(f"x must be a torch.Tensor, got {type(x).__name__}")
     if x.dtype not in _DTYPES:
         raise TypeError(f"x must be a floating-point tensor, got {x.dtype}")
     if x.dim() < 1:
         raise ValueError("x must have at least one dimension (..., D)")
-    check_tensor("w", w, 2, _DTYPES, "(out_features, D)")
-    check_tensor("b", b, 1, _DTYPES, "(out_features,)")
+    check_tensor(w_name, w, 2, _DTYPES, "(out_features, D)")
+    check_tensor(b_name, b, 1, _DTYPES, "(out_features,)")
     if w.numel() == 0:
-        raise ValueError(f"w has an empty dimension (shape {tuple(w.shape)})")
+        raise ValueError(f"{w_name} has an empty dimension (shape {tuple(w.shape)})")
     if x.shape[-1] != w.shape[1]:
-        raise ValueError(f"x's last dimension must be D = {w.shape[1]} (w has shape {tuple(w.shape)}), "
+        raise ValueError(f"x's last dimension must be D = {w.shape[1]} ({w_name} has shape {tuple(w.shape)}), "
                          f"got shape {tuple(x.shape)}")
     if tuple(b.shape) != (w.shape[0],):
-        raise ValueError(f"b must have shape ({w.shape[0]},) to match w of shape {tuple(w.shape)}, got {tuple(b.shape)}")
-    check_same_device("x", x, w=w, b=b)
+        raise ValueError(f"{b_name} must have shape ({w.shape[0]},) to match {w_name} of shape {tuple(w.shape)}, "
+                         f"got {tuple(b.shape)}")
+    check_same_device("x", x, **{w_name: w, b_name: b})
 
 
 def linear_workspace_bytes(dim, out_dim, threads, rows):
@@ -606,16 +607,32 @@ def fused_attention_half(x, norm_weight, norm_bias, eps, w_qkv, b_qkv, w_proj, b
     bfloat16 autocast the autocast layers' version (autocast.py), for float32 CPU tensors outside
     autocast the float32 one; None otherwise (and under a forced backend), for the caller to run the
     pieces. x (B, N, D), the weights those of nn.LayerNorm(D), nn.Linear(D, 3D) and nn.Linear(D, D)."""
+    _check_attention_half(x, norm_weight, norm_bias, eps, w_qkv, b_qkv, w_proj, b_proj, num_heads)
     tensors = (x, norm_weight, norm_bias, w_qkv, b_qkv, w_proj, b_proj)
-    if backends.requested_backend()[0] is not None or x.dim() != 3 or x.numel() == 0 or _ext._C is None:
-        return None
     B, N, D = x.shape
-    if D % num_heads or N > MAX_CPP_SEQ_LEN:
+    if backends.requested_backend()[0] is not None or x.numel() == 0 or _ext._C is None or N > MAX_CPP_SEQ_LEN:
         return None
     if autocast.supported(*tensors):
         return autocast.attention_half(x, norm_weight, norm_bias, eps, w_qkv, b_qkv, w_proj, b_proj, num_heads)
-    if torch.is_autocast_enabled("cpu") or _kernel_refusals(*tensors) or not direct_kernel_calls(*tensors):
-        return None
-    if _automatic_refusals(linear_workspace_bytes(D, 3 * D, _threads(), B * N)):
+    if (_kernel_refusals(*tensors) or not direct_kernel_calls(*tensors)
+            or _automatic_refusals(linear_workspace_bytes(D, 3 * D, _threads(), B * N))):
         return None
     return _EagerAttentionHalf.apply(x, norm_weight, norm_bias, eps, w_qkv, b_qkv, w_proj, b_proj, num_heads)
+
+
+def _check_attention_half(x, norm_weight, norm_bias, eps, w_qkv, b_qkv, w_proj, b_proj, num_heads):
+    """fused_attention_half's arguments, before any pointer reaches a kernel."""
+    check_tensor("x", x, 3, _DTYPES, "(B, N, D)")
+    dim = x.shape[2]
+    _check_linear(x, w_qkv, b_qkv, "w_qkv", "b_qkv")
+    if tuple(w_qkv.shape) != (3 * dim, dim):
+        raise ValueError(f"w_qkv must have shape {(3 * dim, dim)} for x of shape {tuple(x.shape)}, "
+                         f"got {tuple(w_qkv.shape)}")
+    _check_linear(x, w_proj, b_proj, "w_proj", "b_proj")
+    if tuple(w_proj.shape) != (dim, dim):
+        raise ValueError(f"w_proj must have shape {(dim, dim)} for x of shape {tuple(x.shape)}, "
+                         f"got {tuple(w_proj.shape)}")
+    _check_norm(x, norm_weight, norm_bias, eps)
+    check_int("num_heads", num_heads, minimum=1)
+    if dim % num_heads:
+        raise ValueError(f"x's last dimension ({dim}) must be a multiple of num_heads ({num_heads})")
