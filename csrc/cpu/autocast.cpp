@@ -54,6 +54,14 @@ void with_column_sums(int64_t rows, int64_t cols, int threads, float* colsum, co
     for (int64_t j = 0; j < cols; ++j) colsum[j] += partial[s * cols + j];
 }
 
+// A row lambda inlined into the clone that calls it (so it is compiled, and vectorised, for that clone's
+// instruction set rather than as a separate baseline function).
+#if defined(__GNUC__)
+#define MVF_LAMBDA_INLINE __attribute__((always_inline))
+#else
+#define MVF_LAMBDA_INLINE
+#endif
+
 // Rows [begin, end) in blocks of kBlock: row(r, acc) adds row r's contribution to the block's column
 // sums acc (cols floats, zeroed per block), which are then added into sum. Inlined into each caller's
 // clones, so the row loops vectorise there.
@@ -70,7 +78,7 @@ MVF_INLINE void block_column_sums(int64_t begin, int64_t end, int64_t cols, floa
 MVF_CPU_CLONES
 void cast_colsum_rows(const float* __restrict g, uint16_t* __restrict out, float* __restrict sum, int64_t begin,
                       int64_t end, int64_t cols) {
-  block_column_sums(begin, end, cols, sum, [&](int64_t r, float* __restrict acc) {
+  block_column_sums(begin, end, cols, sum, [&](int64_t r, float* __restrict acc) MVF_LAMBDA_INLINE {
     const float* __restrict row = g + r * cols;
     uint16_t* __restrict o = out + r * cols;
     for (int64_t j = 0; j < cols; ++j) {
@@ -83,7 +91,7 @@ void cast_colsum_rows(const float* __restrict g, uint16_t* __restrict out, float
 MVF_CPU_CLONES
 void gelu_backward_rows(const uint16_t* __restrict dact, const uint16_t* __restrict deriv, uint16_t* __restrict dpre,
                         float* __restrict sum, int64_t begin, int64_t end, int64_t cols) {
-  block_column_sums(begin, end, cols, sum, [&](int64_t r, float* __restrict acc) {
+  block_column_sums(begin, end, cols, sum, [&](int64_t r, float* __restrict acc) MVF_LAMBDA_INLINE {
     const uint16_t* __restrict da = dact + r * cols;
     const uint16_t* __restrict dg = deriv + r * cols;
     uint16_t* __restrict o = dpre + r * cols;
@@ -206,7 +214,7 @@ void layer_norm_backward_rows(const uint16_t* __restrict dy, const float* __rest
                               const float* __restrict residual, float* __restrict dx, float* __restrict sums,
                               int64_t begin, int64_t end, int64_t dim) {
   std::vector<float> dxn(static_cast<size_t>(dim));
-  block_column_sums(begin, end, 2 * dim, sums, [&](int64_t r, float* __restrict acc) {
+  block_column_sums(begin, end, 2 * dim, sums, [&](int64_t r, float* __restrict acc) MVF_LAMBDA_INLINE {
     const uint16_t* __restrict g = dy + r * dim;
     for (int64_t d = 0; d < dim; ++d) dxn[d] = bf16_to_float(g[d]);
     norm_backward_row(x + r * dim, dxn.data(), dim, mean[r], rstd[r], gamma, residual ? residual + r * dim : nullptr,
@@ -216,7 +224,7 @@ void layer_norm_backward_rows(const uint16_t* __restrict dy, const float* __rest
 
 MVF_CPU_CLONES
 void colsum_rows(const uint16_t* __restrict g, float* __restrict sum, int64_t begin, int64_t end, int64_t cols) {
-  block_column_sums(begin, end, cols, sum, [&](int64_t r, float* __restrict acc) {
+  block_column_sums(begin, end, cols, sum, [&](int64_t r, float* __restrict acc) MVF_LAMBDA_INLINE {
     const uint16_t* __restrict row = g + r * cols;
     for (int64_t j = 0; j < cols; ++j) acc[j] += bf16_to_float(row[j]);
   });
