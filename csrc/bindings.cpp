@@ -2,6 +2,9 @@
 // so the module builds under plain `pip install -e .` against any torch. mvmae_fast/_ext.py and the
 // op modules validate every argument before calling in here.
 #include <pybind11/pybind11.h>
+#include <pybind11/stl.h>
+
+#include <array>
 
 #include <stdexcept>
 #include <string>
@@ -240,6 +243,81 @@ PYBIND11_MODULE(_C, m) {
       },
       py::arg("x"), py::arg("y"), py::arg("out"), py::arg("numel"), py::arg("threads"));
 
+  m.def(
+      "decoder_unshuffle_forward_cpu",
+      [](uintptr_t x, int x_dtype, uintptr_t ids, int index_bytes, uintptr_t token, uintptr_t pos, uintptr_t out,
+         int64_t batch, int64_t num_visible, int64_t num_patches, int64_t dim, int threads) {
+        check_cpu_dtype(x_dtype);
+        check_index_bytes(index_bytes);
+        int status;
+        {
+          py::gil_scoped_release release;
+          status = decoder_unshuffle_forward_cpu(ptr<const void>(x), x_dtype, ptr<const void>(ids), index_bytes,
+                                                 ptr<const float>(token), ptr<const float>(pos), ptr<float>(out),
+                                                 batch, num_visible, num_patches, dim, threads);
+        }
+        raise_status(status, "decoder_unshuffle");
+      },
+      py::arg("x"), py::arg("x_dtype"), py::arg("ids"), py::arg("index_bytes"), py::arg("token"), py::arg("pos"),
+      py::arg("out"), py::arg("batch"), py::arg("num_visible"), py::arg("num_patches"), py::arg("dim"),
+      py::arg("threads"));
+  m.def(
+      "decoder_unshuffle_backward_cpu",
+      [](uintptr_t grad, uintptr_t ids, int index_bytes, uintptr_t grad_x, int x_dtype, uintptr_t grad_token,
+         int64_t batch, int64_t num_visible, int64_t num_patches, int64_t dim, int threads) {
+        check_cpu_dtype(x_dtype);
+        check_index_bytes(index_bytes);
+        int status;
+        {
+          py::gil_scoped_release release;
+          status = decoder_unshuffle_backward_cpu(ptr<const float>(grad), ptr<const void>(ids), index_bytes,
+                                                  ptr<void>(grad_x), x_dtype, ptr<float>(grad_token), batch,
+                                                  num_visible, num_patches, dim, threads);
+        }
+        raise_status(status, "decoder_unshuffle_backward");
+      },
+      py::arg("grad"), py::arg("ids"), py::arg("index_bytes"), py::arg("grad_x"), py::arg("x_dtype"),
+      py::arg("grad_token"), py::arg("batch"), py::arg("num_visible"), py::arg("num_patches"), py::arg("dim"),
+      py::arg("threads"));
+  m.def(
+      "recon_rows_forward_cpu",
+      [](uintptr_t pred, int pred_dtype, uintptr_t imgs, std::array<int64_t, 5> strides, uintptr_t ids,
+         int index_bytes, uintptr_t sums, int64_t views, int64_t batch, int64_t channels, int64_t width,
+         int64_t patch, int64_t rows, bool norm, int threads) {
+        check_cpu_dtype(pred_dtype);
+        check_index_bytes(index_bytes);
+        int status;
+        {
+          py::gil_scoped_release release;
+          status = recon_rows_forward_cpu(ptr<const void>(pred), pred_dtype, ptr<const float>(imgs), strides.data(),
+                                          ptr<const void>(ids), index_bytes, ptr<double>(sums), views, batch,
+                                          channels, width, patch, rows, norm, threads);
+        }
+        raise_status(status, "masked_recon_loss_rows");
+      },
+      py::arg("pred"), py::arg("pred_dtype"), py::arg("imgs"), py::arg("strides"), py::arg("ids"),
+      py::arg("index_bytes"), py::arg("sums"), py::arg("views"), py::arg("batch"), py::arg("channels"),
+      py::arg("width"), py::arg("patch"), py::arg("rows"), py::arg("norm"), py::arg("threads"));
+  m.def(
+      "recon_rows_backward_cpu",
+      [](uintptr_t scale, uintptr_t pred, int pred_dtype, uintptr_t imgs, std::array<int64_t, 5> strides,
+         uintptr_t ids, int index_bytes, uintptr_t grad, int64_t views, int64_t batch, int64_t channels,
+         int64_t width, int64_t patch, int64_t rows, bool norm, int threads) {
+        check_cpu_dtype(pred_dtype);
+        check_index_bytes(index_bytes);
+        int status;
+        {
+          py::gil_scoped_release release;
+          status = recon_rows_backward_cpu(ptr<const float>(scale), ptr<const void>(pred), pred_dtype,
+                                           ptr<const float>(imgs), strides.data(), ptr<const void>(ids), index_bytes,
+                                           ptr<void>(grad), views, batch, channels, width, patch, rows, norm,
+                                           threads);
+        }
+        raise_status(status, "masked_recon_loss_rows_backward");
+      },
+      py::arg("scale"), py::arg("pred"), py::arg("pred_dtype"), py::arg("imgs"), py::arg("strides"), py::arg("ids"),
+      py::arg("index_bytes"), py::arg("grad"), py::arg("views"), py::arg("batch"), py::arg("channels"),
+      py::arg("width"), py::arg("patch"), py::arg("rows"), py::arg("norm"), py::arg("threads"));
   m.def("fused_layers_isa", [] { return std::string(fused_layers_isa()); });
 
 #ifdef MVMAE_FAST_WITH_CUDA

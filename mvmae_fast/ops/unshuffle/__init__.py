@@ -19,13 +19,20 @@ being a permutation), grad mask_token (the sum over removed rows, deterministic)
 
 import torch
 
-from ... import backends
+from ... import _ext, backends
 from ..._utils import check_index_values, check_int, check_same_device, check_tensor, device_guard, new_output
 from . import reference
 
 _DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 _INDEX_DTYPES = (torch.int32, torch.int64)
-_IMPLEMENTED = ("torch", "triton")
+_IMPLEMENTED = ("torch", "cpp", "triton")
+_CPP_DTYPE_CODES = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}
+
+
+def _cpp_runs(*dtypes):
+    """The cpp backend computes in float32 (x in float32, bfloat16 or float16; the mask token and
+    the position embedding, converted exactly to float32 if half); float64 takes the torch code."""
+    return all(d in _CPP_DTYPE_CODES for d in dtypes)
 
 
 def _out_dtype(x, mask_token, pos):
@@ -88,7 +95,9 @@ def _decoder_unshuffle_op(x: torch.Tensor, ids_restore: torch.Tensor, mask_token
     if check_indices:
         _check_permutation(ids_restore)
     name = backends.select_backend("decoder_unshuffle", x.device, backend, _IMPLEMENTED)
-    if name == "torch":
+    if name == "cpp" and _cpp_runs(x.dtype, mask_token.dtype, decoder_pos_embed.dtype):
+        return _cpp_forward(x, ids_restore, mask_token, decoder_pos_embed, L)
+    if name in ("torch", "cpp"):
         return reference.decoder_unshuffle(x, ids_restore, mask_token, decoder_pos_embed)
     out = new_output((x.shape[0], L + 1, x.shape[2]), _out_dtype(x, mask_token, decoder_pos_embed), x.device)
     from . import triton_impl
@@ -97,6 +106,34 @@ def _decoder_unshuffle_op(x: torch.Tensor, ids_restore: torch.Tensor, mask_token
         triton_impl.decoder_unshuffle(x.contiguous(), ids_restore.contiguous(), mask_token.contiguous(),
                                       decoder_pos_embed.contiguous(), out)
     return out
+
+
+def _cpp_forward(x, ids_restore, mask_token, pos, L):
+    """One pass over the output rows (csrc/cpu/tokens.cpp); values added in float32, rounded once."""
+    out_dtype = _out_dtype(x, mask_token, pos)
+    x, ids_restore = x.contiguous(), ids_restore.contiguous()
+    token = mask_token.reshape(-1).to(torch.float32).contiguous()
+    pos = pos.reshape(L + 1, -1).to(torch.float32).contiguous()
+    B, K1, D = x.shape
+    out = new_output((B, L + 1, D), torch.float32, x.device)
+    _ext._C.decoder_unshuffle_forward_cpu(x.data_ptr(), _CPP_DTYPE_CODES[x.dtype], ids_restore.data_ptr(),
+                                          ids_restore.element_size(), token.data_ptr(), pos.data_ptr(),
+                                          out.data_ptr(), B, K1 - 1, L, D, torch.get_num_threads())
+    return out if out_dtype == torch.float32 else out.to(out_dtype)
+
+
+def _cpp_backward(grad, ids_restore, num_visible, x_dtype, token_dtype):
+    """grad_x (copies, zero where no patch maps) and the mask token's gradient (float32 sums per
+    sample, added over the batch in order) in one pass over grad."""
+    grad = grad.to(torch.float32).contiguous()
+    ids_restore = ids_restore.contiguous()
+    B, L1, D = grad.shape
+    grad_x = new_output((B, num_visible + 1, D), x_dtype, grad.device)
+    grad_token = new_output((1, 1, D), torch.float32, grad.device)
+    _ext._C.decoder_unshuffle_backward_cpu(grad.data_ptr(), ids_restore.data_ptr(), ids_restore.element_size(),
+                                           grad_x.data_ptr(), _CPP_DTYPE_CODES[x_dtype], grad_token.data_ptr(), B,
+                                           num_visible, L1 - 1, D, torch.get_num_threads())
+    return grad_x, grad_token.to(token_dtype)
 
 
 @_decoder_unshuffle_op.register_fake
@@ -111,7 +148,9 @@ def _decoder_unshuffle_backward_op(grad: torch.Tensor, ids_restore: torch.Tensor
                                    backend: str) -> tuple[torch.Tensor, torch.Tensor]:
     _check_backward(grad, ids_restore, num_visible, x_dtype, token_dtype)
     name = backends.select_backend("decoder_unshuffle", grad.device, backend, _IMPLEMENTED)
-    if name == "torch":
+    if name == "cpp" and _cpp_runs(grad.dtype, x_dtype, token_dtype):
+        return _cpp_backward(grad, ids_restore, num_visible, x_dtype, token_dtype)
+    if name in ("torch", "cpp"):
         return reference.decoder_unshuffle_backward(grad, ids_restore, num_visible, x_dtype, token_dtype)
     B, _, D = grad.shape
     grad_x = new_output((B, num_visible + 1, D), x_dtype, grad.device)
