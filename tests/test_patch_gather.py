@@ -335,6 +335,19 @@ def test_decoder_unshuffle_cpp_bad_indices_and_threads():
         assert_bitwise_equal(a, b, "1 vs 2 threads")
 
 
+def test_cpp_kernels_are_cpu_only():
+    """The extension's unshuffle and loss kernels take host pointers: on any other device the ops
+    list no cpp backend, so it is never picked (no triton on a CUDA machine falls back to torch) and
+    forcing it is refused with a reason rather than handing device pointers to a CPU kernel."""
+    from mvmae_fast.ops import recon_loss as rl
+
+    for module in (un, rl):
+        assert "cpp" in module._implemented(torch.device("cpu"))
+        assert "cpp" not in module._implemented(torch.device("cuda"))
+        assert "cpp" not in module._implemented(torch.device("meta"))
+    assert rl._implemented(torch.device("cuda"), True) == ("triton",)
+
+
 def test_decoder_unshuffle_frozen_pos_and_determinism():
     B, L, D, K = 3, 50, 33, 10
     x = make_x((B, 1 + K, D), torch.float32).requires_grad_()

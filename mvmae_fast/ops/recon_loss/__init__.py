@@ -17,6 +17,12 @@ from ..._utils import check_index_values, check_int, check_tensor, device_guard,
 
 _IMPLEMENTED = ("torch", "cpp", "triton")
 _KERNELS = ("cpp", "triton")  # the backends the custom ops run
+
+
+def _implemented(device, kernels_only=False):
+    """The cpp kernels are CPU kernels: on other devices forcing cpp is refused with the reason."""
+    names = _KERNELS if kernels_only else _IMPLEMENTED
+    return names if torch.device(device).type == "cpu" else tuple(n for n in names if n != "cpp")
 _CPP_DTYPE_CODES = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}
 _INDEX_DTYPES = (torch.int32, torch.int64)
 
@@ -153,7 +159,7 @@ def _recon_rows_op(pred: torch.Tensor, imgs: torch.Tensor, ids_removed: torch.Te
     _check_rows(pred, imgs, ids_removed, patch_size)
     if check_indices:
         check_index_values("ids_removed", ids_removed, _num_patches(imgs, patch_size), unique=False)
-    name = backends.select_backend("masked_recon_loss_rows", pred.device, backend, _KERNELS)
+    name = backends.select_backend("masked_recon_loss_rows", pred.device, backend, _implemented(pred.device, True))
     B, M, P = imgs.shape[1], pred.shape[1], pred.shape[2]
     if name == "cpp":
         if not _cpp_runs(pred, imgs):
@@ -183,7 +189,7 @@ def _recon_rows_backward_op(grad_losses: torch.Tensor, pred: torch.Tensor, imgs:
     _check_rows(pred, imgs, ids_removed, patch_size)
     if grad_losses.shape != (imgs.shape[0],):
         raise ValueError(f"grad_losses must have shape ({imgs.shape[0]},), got {tuple(grad_losses.shape)}")
-    name = backends.select_backend("masked_recon_loss_rows", pred.device, backend, _KERNELS)
+    name = backends.select_backend("masked_recon_loss_rows", pred.device, backend, _implemented(pred.device, True))
     pred = pred.contiguous()
     grad = new_output(pred.shape, pred.dtype, pred.device)
     if name == "cpp":
@@ -265,7 +271,7 @@ def masked_recon_loss_rows(pred, imgs, ids_removed, patch_size, norm_pix_loss=Tr
             raise ValueError(f"imgs holds {imgs.shape[0]} samples, not a multiple of views={V}")
         imgs5 = imgs.unflatten(0, (V, imgs.shape[0] // V))
     _check_rows(pred, imgs5, ids_removed, patch_size)
-    name = backends.select_backend("masked_recon_loss_rows", pred.device, backend or "", _IMPLEMENTED)
+    name = backends.select_backend("masked_recon_loss_rows", pred.device, backend or "", _implemented(pred.device))
     if name == "torch" or (name == "cpp" and not _cpp_runs(pred, imgs5)):  # float64: the torch code
         losses = _recon_rows_torch(pred, imgs5, ids_removed, patch_size, norm_pix_loss)
     else:

@@ -26,6 +26,14 @@ from . import reference
 _DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 _INDEX_DTYPES = (torch.int32, torch.int64)
 _IMPLEMENTED = ("torch", "cpp", "triton")
+
+
+def _implemented(device):
+    """The cpp kernels are CPU kernels (the extension has no CUDA unshuffle): on other devices the op
+    has torch and triton only, so forcing cpp there is refused with the reason."""
+    return _IMPLEMENTED if torch.device(device).type == "cpu" else ("torch", "triton")
+
+
 _CPP_DTYPE_CODES = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}
 
 
@@ -94,7 +102,7 @@ def _decoder_unshuffle_op(x: torch.Tensor, ids_restore: torch.Tensor, mask_token
     L = _check_forward(x, ids_restore, mask_token, decoder_pos_embed)
     if check_indices:
         _check_permutation(ids_restore)
-    name = backends.select_backend("decoder_unshuffle", x.device, backend, _IMPLEMENTED)
+    name = backends.select_backend("decoder_unshuffle", x.device, backend, _implemented(x.device))
     if name == "cpp" and _cpp_runs(x.dtype, mask_token.dtype, decoder_pos_embed.dtype):
         return _cpp_forward(x, ids_restore, mask_token, decoder_pos_embed, L)
     if name in ("torch", "cpp"):
@@ -147,7 +155,7 @@ def _decoder_unshuffle_backward_op(grad: torch.Tensor, ids_restore: torch.Tensor
                                    x_dtype: torch.dtype, token_dtype: torch.dtype,
                                    backend: str) -> tuple[torch.Tensor, torch.Tensor]:
     _check_backward(grad, ids_restore, num_visible, x_dtype, token_dtype)
-    name = backends.select_backend("decoder_unshuffle", grad.device, backend, _IMPLEMENTED)
+    name = backends.select_backend("decoder_unshuffle", grad.device, backend, _implemented(grad.device))
     if name == "cpp" and _cpp_runs(grad.dtype, x_dtype, token_dtype):
         return _cpp_backward(grad, ids_restore, num_visible, x_dtype, token_dtype)
     if name in ("torch", "cpp"):
