@@ -18,6 +18,10 @@ def new_output(shape, dtype, device):
     return out
 
 
+# dtype codes of the extension's CPU kernels (CpuDtype in csrc/cpu/simd.h).
+CPP_DTYPE_CODES = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}
+
+
 def direct_kernel_calls(*tensors):
     """Whether an op may call its kernel directly from an autograd.Function in eager mode instead of
     through its custom op (which costs ~50-100 us of Python dispatch per call): plain torch.Tensor (or

@@ -18,14 +18,13 @@ forced kernel backend raises :class:`~mvmae_fast.UnsupportedBackendError` instea
 import torch
 
 from ... import _ext, backends
-from ..._utils import check_int, check_tensor, device_guard, direct_kernel_calls, new_output
+from ..._utils import CPP_DTYPE_CODES, check_int, check_tensor, device_guard, direct_kernel_calls, new_output
 from . import reference
 
 IMPLEMENTED = ("torch", "cpp", "triton")
 KERNEL_BACKENDS = ("cpp", "triton")
 _DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 _KERNEL_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
-_CPP_DTYPE_CODES = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}
 MAX_KERNEL_HEAD_DIM = 128  # triton
 MAX_CPP_SEQ_LEN = 2048  # cpp: a head's N x N float32 scores (and three more) per thread
 
@@ -100,7 +99,7 @@ def _cpp_qkv(qkv):
 def _cpp_shape_args(qkv, num_heads):
     """The cpp kernels' trailing arguments: dtype code, sizes, qkv's strides, thread count."""
     B, N, C = qkv.shape
-    return (_CPP_DTYPE_CODES[qkv.dtype], B, N, num_heads, C // (3 * num_heads), qkv.stride(1), qkv.stride(0),
+    return (CPP_DTYPE_CODES[qkv.dtype], B, N, num_heads, C // (3 * num_heads), qkv.stride(1), qkv.stride(0),
             torch.get_num_threads())
 
 

@@ -13,7 +13,7 @@ never materialising them; their backward pass writes the gradient of the predict
 import torch
 
 from ... import _ext, backends
-from ..._utils import check_index_values, check_int, check_tensor, device_guard, new_output
+from ..._utils import CPP_DTYPE_CODES, check_index_values, check_int, check_tensor, device_guard, new_output
 
 _IMPLEMENTED = ("torch", "cpp", "triton")
 _KERNELS = ("cpp", "triton")  # the backends the custom ops run
@@ -23,7 +23,6 @@ def _implemented(device, kernels_only=False):
     """The cpp kernels are CPU kernels: on other devices forcing cpp is refused with the reason."""
     names = _KERNELS if kernels_only else _IMPLEMENTED
     return names if torch.device(device).type == "cpu" else tuple(n for n in names if n != "cpp")
-_CPP_DTYPE_CODES = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}
 _INDEX_DTYPES = (torch.int32, torch.int64)
 
 _DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
@@ -131,7 +130,7 @@ def _num_patches(imgs, patch_size):
 def _cpp_runs(pred, imgs):
     """The cpp kernels compute in float32: pred in float32, bfloat16 or float16, imgs converted exactly
     to float32 if half. float64 takes the torch code."""
-    return pred.dtype in _CPP_DTYPE_CODES and imgs.dtype in _CPP_DTYPE_CODES
+    return pred.dtype in CPP_DTYPE_CODES and imgs.dtype in CPP_DTYPE_CODES
 
 
 def _cpp_args(pred, imgs, ids_removed, patch_size):
@@ -139,7 +138,7 @@ def _cpp_args(pred, imgs, ids_removed, patch_size):
     tensors whose pointers these are alive until the call returns."""
     imgs = imgs if imgs.dtype == torch.float32 else imgs.to(torch.float32)
     V, B, C, H, W = imgs.shape
-    return (pred.data_ptr(), _CPP_DTYPE_CODES[pred.dtype], imgs.data_ptr(), list(imgs.stride()),
+    return (pred.data_ptr(), CPP_DTYPE_CODES[pred.dtype], imgs.data_ptr(), list(imgs.stride()),
             ids_removed.data_ptr(), ids_removed.element_size()), (V, B, C, W, patch_size, pred.shape[1]), imgs
 
 

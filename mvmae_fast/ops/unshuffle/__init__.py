@@ -20,7 +20,7 @@ being a permutation), grad mask_token (the sum over removed rows, deterministic)
 import torch
 
 from ... import _ext, backends
-from ..._utils import check_index_values, check_int, check_same_device, check_tensor, device_guard, new_output
+from ..._utils import CPP_DTYPE_CODES, check_index_values, check_int, check_same_device, check_tensor, device_guard, new_output
 from . import reference
 
 _DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
@@ -34,13 +34,12 @@ def _implemented(device):
     return _IMPLEMENTED if torch.device(device).type == "cpu" else ("torch", "triton")
 
 
-_CPP_DTYPE_CODES = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}
 
 
 def _cpp_runs(*dtypes):
     """The cpp backend computes in float32 (x in float32, bfloat16 or float16; the mask token and
     the position embedding, converted exactly to float32 if half); float64 takes the torch code."""
-    return all(d in _CPP_DTYPE_CODES for d in dtypes)
+    return all(d in CPP_DTYPE_CODES for d in dtypes)
 
 
 def _out_dtype(x, mask_token, pos):
@@ -124,7 +123,7 @@ def _cpp_forward(x, ids_restore, mask_token, pos, L):
     pos = pos.reshape(L + 1, -1).to(torch.float32).contiguous()
     B, K1, D = x.shape
     out = new_output((B, L + 1, D), torch.float32, x.device)
-    _ext._C.decoder_unshuffle_forward_cpu(x.data_ptr(), _CPP_DTYPE_CODES[x.dtype], ids_restore.data_ptr(),
+    _ext._C.decoder_unshuffle_forward_cpu(x.data_ptr(), CPP_DTYPE_CODES[x.dtype], ids_restore.data_ptr(),
                                           ids_restore.element_size(), token.data_ptr(), pos.data_ptr(),
                                           out.data_ptr(), B, K1 - 1, L, D, torch.get_num_threads())
     return out if out_dtype == torch.float32 else out.to(out_dtype)
@@ -139,7 +138,7 @@ def _cpp_backward(grad, ids_restore, num_visible, x_dtype, token_dtype):
     grad_x = new_output((B, num_visible + 1, D), x_dtype, grad.device)
     grad_token = new_output((1, 1, D), torch.float32, grad.device)
     _ext._C.decoder_unshuffle_backward_cpu(grad.data_ptr(), ids_restore.data_ptr(), ids_restore.element_size(),
-                                           grad_x.data_ptr(), _CPP_DTYPE_CODES[x_dtype], grad_token.data_ptr(), B,
+                                           grad_x.data_ptr(), CPP_DTYPE_CODES[x_dtype], grad_token.data_ptr(), B,
                                            num_visible, L1 - 1, D, torch.get_num_threads())
     return grad_x, grad_token.to(token_dtype)
 
