@@ -2,6 +2,10 @@
 
 Sizes: MVMAE_FAST_BENCH_SIZE=tiny (CI: every case once, tiny shapes) or unset (real shapes: MAE
 ViT-B on CUDA, CPU-sized otherwise). Cases for CUDA run only where a GPU is present.
+
+The process keeps freed memory between steps (mvmae_fast.runtime.retain_freed_memory, as
+train/pretrain.py does by default), for every provider alike; MVMAE_FAST_BENCH_MALLOC=default keeps
+glibc's defaults instead. Each result records which in extra_info["malloc"].
 """
 
 import os
@@ -9,16 +13,25 @@ import os
 import pytest
 import torch
 
+from mvmae_fast import runtime
+
 SIZE = os.environ.get("MVMAE_FAST_BENCH_SIZE", "full")
+MALLOC = "default"  # set by pytest_configure (importing this module changes nothing)
 # images/s of the reference provider per (device type, case), so later providers in the same run
 # can record their ratio to it.
 RESULTS = {}
 DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
 
 
+def pytest_configure(config):
+    global MALLOC
+    if os.environ.get("MVMAE_FAST_BENCH_MALLOC", "retain") != "default" and runtime.retain_freed_memory():
+        MALLOC = "retain_freed_memory"
+
+
 def pytest_report_header(config):
     gpu = torch.cuda.get_device_name() if torch.cuda.is_available() else "none"
-    return f"mvmae_fast benchmarks: size={SIZE}, torch {torch.__version__}, GPU: {gpu}"
+    return f"mvmae_fast benchmarks: size={SIZE}, torch {torch.__version__}, GPU: {gpu}, malloc: {MALLOC}"
 
 
 def pytest_generate_tests(metafunc):
@@ -52,6 +65,7 @@ def timed(benchmark, device):
         result = benchmark(call)
         benchmark.extra_info["device"] = torch.cuda.get_device_name() if device.type == "cuda" else "cpu"
         benchmark.extra_info["torch"] = torch.__version__
+        benchmark.extra_info["malloc"] = MALLOC
         stats = getattr(benchmark, "stats", None)
         if bytes_moved is not None and stats is not None:
             benchmark.extra_info["GB/s"] = round(bytes_moved / stats.stats.median / 1e9, 2)

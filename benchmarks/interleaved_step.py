@@ -15,6 +15,10 @@ the CPU numbers to quote. Same models, shapes and optimizer as benchmarks/test_s
 Interleaving puts several models' memory in one process; ``--isolated N`` instead runs each provider
 alone in a fresh process (as training would), N rounds of alternating processes, and reports the
 median of each process's median step.
+
+Every process keeps freed memory between steps (mvmae_fast.runtime.retain_freed_memory, as
+train/pretrain.py does by default) for every provider alike; ``--default-malloc`` keeps glibc's
+defaults (then each step faults its activations in anew: slower for every provider).
 """
 
 import argparse
@@ -29,6 +33,8 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from test_step import PROVIDERS, build, make_step  # noqa: E402
 
+from mvmae_fast import runtime  # noqa: E402
+
 PRESET, BATCH = "vit_micro_patch4_32", 64
 
 
@@ -40,15 +46,18 @@ def main():
     parser.add_argument("--warmup", type=int, default=5)
     parser.add_argument("--isolated", type=int, default=0, metavar="N",
                         help="run each provider alone in a fresh process, N alternating rounds")
+    parser.add_argument("--default-malloc", action="store_true",
+                        help="keep glibc's malloc defaults (no mvmae_fast.runtime.retain_freed_memory)")
     parser.add_argument("--child", nargs=2, metavar=("PROVIDER", "PRECISION"), help=argparse.SUPPRESS)
     args = parser.parse_args()
+    malloc = "default" if args.default_malloc or not runtime.retain_freed_memory() else "retain_freed_memory"
     if args.child:
         return child(*args.child, args.warmup, args.rounds)
     if args.isolated:
-        return isolated(args)
+        return isolated(args, malloc)
     device = torch.device("cpu")
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, {PRESET} batch {BATCH}, "
-          f"{args.rounds} interleaved rounds")
+          f"{args.rounds} interleaved rounds, malloc: {malloc}")
     for precision in args.precision:
         steps = {}
         for provider in args.providers:
@@ -88,15 +97,16 @@ def child(provider, precision, warmup, rounds):
     print(statistics.median(times))
 
 
-def isolated(args):
+def isolated(args, malloc):
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, {PRESET} batch {BATCH}, each provider "
-          f"alone in its own process, {args.isolated} alternating rounds of {args.rounds} steps")
+          f"alone in its own process, {args.isolated} alternating rounds of {args.rounds} steps, malloc: {malloc}")
     for precision in args.precision:
         medians = {p: [] for p in args.providers}
         for _ in range(args.isolated):
             for provider in args.providers:
                 out = subprocess.run([sys.executable, os.path.abspath(__file__), "--child", provider, precision,
-                                      "--warmup", str(args.warmup), "--rounds", str(args.rounds)],
+                                      "--warmup", str(args.warmup), "--rounds", str(args.rounds),
+                                      *(["--default-malloc"] if args.default_malloc else [])],
                                      check=True, capture_output=True, text=True).stdout
                 medians[provider].append(float(out.split()[-1]))
         base = statistics.median(medians[args.providers[0]])

@@ -28,6 +28,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+import conftest
 from conftest import SIZE, RESULTS
 from mvmae_fast import reference_mae, training
 from mvmae_fast.models import MVMAE, MVMAEConfig, PRESETS
@@ -133,7 +134,7 @@ def test_training_step(benchmark, device, variant, preset, precision):
     assert torch.isfinite(loss.detach()).item()
 
     info = benchmark.extra_info
-    info.update(case=f"{preset} batch {batch} {precision}", provider=variant, torch=torch.__version__,
+    info.update(case=f"{preset} batch {batch} {precision}", provider=variant, torch=torch.__version__, malloc=conftest.MALLOC,
                 device=torch.cuda.get_device_name() if device.type == "cuda" else "cpu")
     try:
         import triton

@@ -26,7 +26,7 @@ import torch
 import torch.distributed as dist
 from torch.utils.data import DataLoader, Dataset, Sampler
 
-from mvmae_fast import evaluation, training
+from mvmae_fast import evaluation, runtime, training
 from mvmae_fast.data import EvalTransform, PretrainTransform, build_dataset
 from mvmae_fast.models import MVMAE, PRESETS, MVMAEConfig
 
@@ -81,6 +81,9 @@ def build_parser():
     t.add_argument("--precision", choices=("auto", "fp32", "bf16", "fp16"), default="auto",
                    help="auto: bf16 autocast on CUDA, fp32 on CPU")
     t.add_argument("--compile", action="store_true", help="torch.compile the model")
+    t.add_argument("--retain-memory", action=argparse.BooleanOptionalAction, default=True,
+                   help="keep freed memory in the process between steps (glibc malloc settings; "
+                        "mvmae_fast.runtime.retain_freed_memory): no page faults on each step's activations")
     t.add_argument("--max-nonfinite", type=int, default=10, help="stop after this many non-finite losses in a row")
 
     o = p.add_argument_group("output")
@@ -265,6 +268,8 @@ def load_checkpoint(args, config):
 # -- the run --------------------------------------------------------------------------------------
 def run(args):
     check_args(args)
+    if args.retain_memory:
+        runtime.retain_freed_memory()
     config = model_config(args)
     device, rank, world = setup_distributed(args.device)
     is_main = rank == 0
