@@ -140,16 +140,18 @@ MVF_INLINE void patch_target(const float* imgs, const Patches& P, int64_t base, 
   for (int64_t k = 0; k < n; ++k) t[k] = (t[k] - mean) / denom;
 }
 
-template <int D>
-MVF_CPU_CLONES int recon_forward(const void* pred, const float* imgs, const void* ids, int index_bytes, const Patches& P,
-                  int64_t rows, bool norm, double* sums, int threads) {
-  const int64_t N = P.views * P.batch, n = P.values, L = (P.grid_w * P.grid_w);
+// Runs fn(s, pb, t) for each sample s and each of its rows in order, with t (values floats) that row's
+// target patch and pb the row's first element in pred / grad; samples are split between threads, each
+// sample's rows run on one. The ids are checked here: an id outside [0, L) stops the work and returns
+// kIndexOutOfRange.
+template <class Fn>
+MVF_INLINE int for_each_target(const float* imgs, const void* ids, int index_bytes, const Patches& P, int64_t rows,
+                               bool norm, int threads, const Fn& fn) {
+  const int64_t n = P.values, L = P.grid_w * P.grid_w;
   std::atomic<int> status{kOk};
-  std::vector<double> per_sample(static_cast<size_t>(N), 0.0);
-  parallel_for(N, std::max<int64_t>(1, 8192 / (rows * n) + 1), threads, [&](int64_t n0, int64_t n1) {
-    std::vector<float> t(static_cast<size_t>(n)), diff(static_cast<size_t>(n));
+  parallel_for(P.views * P.batch, std::max<int64_t>(1, 8192 / (rows * n) + 1), threads, [&](int64_t n0, int64_t n1) {
+    std::vector<float> t(static_cast<size_t>(n));
     for (int64_t s = n0; s < n1; ++s) {
-      double acc = 0.0;
       for (int64_t m = 0; m < rows; ++m) {
         const int64_t l = load_index(ids, index_bytes, s * rows + m);
         if (l < 0 || l >= L) {
@@ -157,17 +159,28 @@ MVF_CPU_CLONES int recon_forward(const void* pred, const float* imgs, const void
           return;
         }
         patch_target(imgs, P, P.start(s, l), norm, t.data());
-        const int64_t pb = (s * rows + m) * n;
-        for (int64_t k = 0; k < n; ++k) diff[k] = load_as_float<D>(pred, pb + k) - t[k];
-        acc += vector_sum(n, [&](int64_t d, int64_t c) {
-          const vec16 v = load_lanes(diff.data() + d, c);
-          return v * v;
-        });
+        fn(s, (s * rows + m) * n, t.data());
       }
-      per_sample[s] = acc;
     }
   });
-  if (status.load() != kOk) return status.load();
+  return status.load();
+}
+
+// sums[v] = sum over view v's samples of the squared errors (per sample in float64, row by row, then
+// the samples in order: the same bits for any thread count).
+template <int D>
+MVF_CPU_CLONES int recon_forward(const void* pred, const float* imgs, const void* ids, int index_bytes, const Patches& P,
+                                 int64_t rows, bool norm, double* sums, int threads) {
+  const int64_t n = P.values;
+  std::vector<double> per_sample(static_cast<size_t>(P.views * P.batch), 0.0);
+  const int status = for_each_target(imgs, ids, index_bytes, P, rows, norm, threads, [&](int64_t s, int64_t pb, float* t) {
+    for (int64_t k = 0; k < n; ++k) t[k] = load_as_float<D>(pred, pb + k) - t[k];
+    per_sample[s] += vector_sum(n, [&](int64_t d, int64_t c) {
+      const vec16 v = load_lanes(t + d, c);
+      return v * v;
+    });
+  });
+  if (status != kOk) return status;
   for (int64_t v = 0; v < P.views; ++v) {
     double total = 0.0;
     for (int64_t b = 0; b < P.batch; ++b) total += per_sample[v * P.batch + b];
@@ -178,28 +191,13 @@ MVF_CPU_CLONES int recon_forward(const void* pred, const float* imgs, const void
 
 // grad_pred = scale[v] * 2 * (pred - target), scale[v] = d(loss) / d(loss_v) / (values * B * M).
 template <int D>
-MVF_CPU_CLONES int recon_backward(const float* scale, const void* pred, const float* imgs, const void* ids, int index_bytes,
-                   const Patches& P, int64_t rows, bool norm, void* grad, int threads) {
-  const int64_t N = P.views * P.batch, n = P.values, L = (P.grid_w * P.grid_w);
-  std::atomic<int> status{kOk};
-  parallel_for(N, std::max<int64_t>(1, 8192 / (rows * n) + 1), threads, [&](int64_t n0, int64_t n1) {
-    std::vector<float> t(static_cast<size_t>(n));
-    for (int64_t s = n0; s < n1; ++s) {
-      const float c = 2.0f * scale[s / P.batch];
-      for (int64_t m = 0; m < rows; ++m) {
-        const int64_t l = load_index(ids, index_bytes, s * rows + m);
-        if (l < 0 || l >= L) {
-          status.store(kIndexOutOfRange);
-          return;
-        }
-        patch_target(imgs, P, P.start(s, l), norm, t.data());
-        const int64_t pb = (s * rows + m) * n;
-        for (int64_t k = 0; k < n; ++k)
-          store_from_float<D>(grad, pb + k, c * (load_as_float<D>(pred, pb + k) - t[k]));
-      }
-    }
+MVF_CPU_CLONES int recon_backward(const float* scale, const void* pred, const float* imgs, const void* ids,
+                                  int index_bytes, const Patches& P, int64_t rows, bool norm, void* grad, int threads) {
+  const int64_t n = P.values;
+  return for_each_target(imgs, ids, index_bytes, P, rows, norm, threads, [&](int64_t s, int64_t pb, const float* t) {
+    const float c = 2.0f * scale[s / P.batch];
+    for (int64_t k = 0; k < n; ++k) store_from_float<D>(grad, pb + k, c * (load_as_float<D>(pred, pb + k) - t[k]));
   });
-  return status.load();
 }
 
 }  // namespace
