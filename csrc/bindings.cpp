@@ -125,34 +125,35 @@ PYBIND11_MODULE(_C, m) {
   m.def(
       "mlp_forward_cpu",
       [](uintptr_t x, uintptr_t w1, uintptr_t b1, uintptr_t w2, uintptr_t b2, uintptr_t norm_weight,
-         uintptr_t norm_bias, float eps, bool residual, uintptr_t out, uintptr_t mean, uintptr_t rstd, int64_t rows,
-         int64_t dim, int64_t hidden, int threads) {
+         uintptr_t norm_bias, float eps, bool residual, uintptr_t out, uintptr_t mean, uintptr_t rstd,
+         uintptr_t hidden_out, int64_t rows, int64_t dim, int64_t hidden, int threads) {
         py::gil_scoped_release release;
         mlp_forward_cpu(ptr<const float>(x), ptr<const float>(w1), ptr<const float>(b1), ptr<const float>(w2),
                         ptr<const float>(b2), ptr<const float>(norm_weight), ptr<const float>(norm_bias), eps,
-                        residual, ptr<float>(out), ptr<float>(mean), ptr<float>(rstd), rows, dim, hidden, threads);
+                        residual, ptr<float>(out), ptr<float>(mean), ptr<float>(rstd), ptr<float>(hidden_out), rows,
+                        dim, hidden, threads);
       },
       py::arg("x"), py::arg("w1"), py::arg("b1"), py::arg("w2"), py::arg("b2"), py::arg("norm_weight"),
       py::arg("norm_bias"), py::arg("eps"), py::arg("residual"), py::arg("out"), py::arg("mean"), py::arg("rstd"),
-      py::arg("rows"), py::arg("dim"), py::arg("hidden"), py::arg("threads"));
+      py::arg("hidden_out"), py::arg("rows"), py::arg("dim"), py::arg("hidden"), py::arg("threads"));
 
   m.def(
       "mlp_backward_cpu",
       [](uintptr_t grad_out, uintptr_t x, uintptr_t mean, uintptr_t rstd, uintptr_t norm_weight, uintptr_t norm_bias,
          bool residual, uintptr_t w1, uintptr_t b1, uintptr_t w2, uintptr_t dx, uintptr_t dw1, uintptr_t db1,
-         uintptr_t dw2, uintptr_t db2, uintptr_t dnorm_weight, uintptr_t dnorm_bias, int64_t rows, int64_t dim,
-         int64_t hidden, int threads) {
+         uintptr_t dw2, uintptr_t db2, uintptr_t dnorm_weight, uintptr_t dnorm_bias, uintptr_t hidden_in, int64_t rows,
+         int64_t dim, int64_t hidden, int threads) {
         py::gil_scoped_release release;
         mlp_backward_cpu(ptr<const float>(grad_out), ptr<const float>(x), ptr<const float>(mean),
                          ptr<const float>(rstd), ptr<const float>(norm_weight), ptr<const float>(norm_bias), residual,
                          ptr<const float>(w1), ptr<const float>(b1), ptr<const float>(w2), ptr<float>(dx),
                          ptr<float>(dw1), ptr<float>(db1), ptr<float>(dw2), ptr<float>(db2), ptr<float>(dnorm_weight),
-                         ptr<float>(dnorm_bias), rows, dim, hidden, threads);
+                         ptr<float>(dnorm_bias), ptr<const float>(hidden_in), rows, dim, hidden, threads);
       },
       py::arg("grad_out"), py::arg("x"), py::arg("mean"), py::arg("rstd"), py::arg("norm_weight"),
       py::arg("norm_bias"), py::arg("residual"), py::arg("w1"), py::arg("b1"), py::arg("w2"), py::arg("dx"),
       py::arg("dw1"), py::arg("db1"), py::arg("dw2"), py::arg("db2"), py::arg("dnorm_weight"), py::arg("dnorm_bias"),
-      py::arg("rows"), py::arg("dim"), py::arg("hidden"), py::arg("threads"));
+      py::arg("hidden_in"), py::arg("rows"), py::arg("dim"), py::arg("hidden"), py::arg("threads"));
 
   m.def(
       "norm_linear_forward_cpu",

@@ -29,17 +29,20 @@ void attention_backward_cpu(const void* grad_out, const void* qkv, const void* o
                             int64_t head_dim, int64_t row_stride, int64_t batch_stride, int threads);
 
 // The transformer MLP fc2(gelu(fc1(x))) fused, float32: x (rows, dim), w1 (hidden, dim), b1 (hidden),
-// w2 (dim, hidden), b2 (dim), out (rows, dim); all contiguous. Nothing of the hidden layer is kept: the
-// backward recomputes fc1. With norm_weight / norm_bias (dim) non-null, fc1 reads LayerNorm(x) (eps;
+// w2 (dim, hidden), b2 (dim), out (rows, dim); all contiguous. hidden_out (rows, hidden), when non-null,
+// receives fc1's output (before GELU), which the backward then reads as hidden_in; with hidden_in null
+// the backward recomputes fc1 (the same bits). With norm_weight / norm_bias (dim) non-null, fc1 reads LayerNorm(x) (eps;
 // mean and rstd (rows) are written, and read back by the backward); with residual, out = x + mlp(...).
 // The backward writes dnorm_weight / dnorm_bias when the norm is there.
 void mlp_forward_cpu(const float* x, const float* w1, const float* b1, const float* w2, const float* b2,
                      const float* norm_weight, const float* norm_bias, float eps, bool residual, float* out,
-                     float* mean, float* rstd, int64_t rows, int64_t dim, int64_t hidden, int threads);
+                     float* mean, float* rstd, float* hidden_out, int64_t rows, int64_t dim, int64_t hidden,
+                     int threads);
 void mlp_backward_cpu(const float* grad_out, const float* x, const float* mean, const float* rstd,
                       const float* norm_weight, const float* norm_bias, bool residual, const float* w1, const float* b1,
                       const float* w2, float* dx, float* dw1, float* db1, float* dw2, float* db2, float* dnorm_weight,
-                      float* dnorm_bias, int64_t rows, int64_t dim, int64_t hidden, int threads);
+                      float* dnorm_bias, const float* hidden_in, int64_t rows, int64_t dim, int64_t hidden,
+                      int threads);
 // LayerNorm then one Linear, float32: out (rows, out_dim) = LN(x) w^T + b, w (out_dim, dim); mean and
 // rstd (rows) are written for the backward, which recomputes the normalised rows.
 void norm_linear_forward_cpu(const float* x, const float* norm_weight, const float* norm_bias, float eps,

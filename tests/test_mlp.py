@@ -281,6 +281,62 @@ def test_expanded_and_zero_output_gradients():
 
 
 # --------------------------------------------------------------------------- #
+# fc1's output kept (eager) or recomputed (custom ops)
+# --------------------------------------------------------------------------- #
+@pytest.mark.parametrize("case", [((95, 17), 7), ((97, 130), 257), ((64, 17, 128), 512), ((2, 101, 32), 64)],
+                         ids=shape_id)
+@pytest.mark.parametrize("prenorm", [False, True], ids=["mlp", "prenorm_mlp"])
+def test_kept_fc1_output_gives_the_recomputed_bits(case, prenorm):
+    """In eager mode the MLP nodes keep fc1's output for the backward; the custom ops (what
+    torch.compile runs) recompute it there. Outputs and every gradient: the same bits."""
+    inputs, grad = (make_prenorm_inputs if prenorm else make_inputs)(*case)
+    results = []
+    for eager in (True, False):
+        leaves = [t.clone().requires_grad_(True) for t in inputs]
+        x2d = leaves[0].reshape(-1, leaves[0].shape[-1])
+        if prenorm:
+            norm_weight, norm_bias, w1, b1, w2, b2 = leaves[1:]
+            if eager:
+                out = prenorm_mlp(x2d, norm_weight, norm_bias, 1e-6, w1, b1, w2, b2, backend="cpp")
+            else:
+                out = torch.ops.mvmae_fast.prenorm_mlp(x2d, norm_weight, norm_bias, 1e-6, w1, b1, w2, b2)[0]
+        else:
+            out = mlp(x2d, *leaves[1:], backend="cpp") if eager else torch.ops.mvmae_fast.mlp(x2d, *leaves[1:])
+        names = graph_names(out)
+        assert any("Eager" in name for name in names) == eager, names
+        out.backward(grad.reshape(out.shape))
+        results.append([out.detach(), *(leaf.grad for leaf in leaves)])
+    for kept, recomputed in zip(*results):
+        assert torch.equal(kept, recomputed)
+
+
+@pytest.mark.parametrize("prenorm", [False, True], ids=["mlp", "prenorm_mlp"])
+def test_eager_backward_reads_the_kept_fc1_output(prenorm):
+    """The eager node's backward takes fc1's output from what the forward kept: overwriting the kept
+    tensor with NaN makes the weight gradients NaN (the recomputing path would not notice)."""
+    inputs, grad = (make_prenorm_inputs if prenorm else make_inputs)((40, 24), 48)
+    leaves = [t.clone().requires_grad_(True) for t in inputs]
+    out = prenorm_mlp(leaves[0], *leaves[1:3], 1e-6, *leaves[3:]) if prenorm else mlp(*leaves)
+    node = next(n for n in _graph_nodes(out) if "Eager" in type(n).__name__)
+    kept = node.saved_tensors[-1]
+    assert kept.shape == (40, 48)
+    kept.detach().numpy().fill(float("nan"))  # behind autograd's version counter
+    out.backward(grad)
+    w1 = leaves[3] if prenorm else leaves[1]
+    assert w1.grad.isnan().all()
+
+
+def _graph_nodes(t):
+    seen, todo = [], [t.grad_fn]
+    while todo:
+        node = todo.pop()
+        if node is not None:
+            seen.append(node)
+            todo.extend(n for n, _ in node.next_functions)
+    return seen
+
+
+# --------------------------------------------------------------------------- #
 # dispatch
 # --------------------------------------------------------------------------- #
 def test_default_dispatch(monkeypatch):

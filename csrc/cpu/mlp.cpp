@@ -6,11 +6,11 @@
 // tensor goes through memory five or six times per step (fc1's output, the bias pass, GELU's input
 // and output, GELU's backward and fc2's weight gradient) and is kept for the backward. Here each
 // thread takes a contiguous range of rows and works through it in chunks of kChunk rows whose hidden
-// activations stay in a per-thread buffer in L2, and nothing of the hidden layer is kept:
+// activations stay in a per-thread buffer in L2; of the hidden layer at most fc1's output is kept:
 //   forward   H = x_c W1^T + b1, H = gelu(H), out_c = H W2^T + b2
-//   backward  G = dY_c W2; H = x_c W1^T + b1 again (recomputed: cheaper here than writing it in the
-//             forward and reading it back, and M x Hd floats less memory); A = gelu(H), G *= gelu'(H)
-//             (one exp serves both); dW2 += dY_c^T A, db2 += colsum dY_c, dW1 += G^T x_c,
+//   backward  G = dY_c W2; H = x_c W1^T + b1, either as the forward wrote it (hidden_out / hidden_in:
+//             M x Hd floats kept per layer; copying a chunk back costs a fraction of the GEMM) or
+//             recomputed (nothing kept); A = gelu(H), G *= gelu'(H) (one exp serves both); dW2 += dY_c^T A, db2 += colsum dY_c, dW1 += G^T x_c,
 //             db1 += colsum G (per-thread accumulators, summed at the end); dx_c = G W1
 // The products are register-blocked micro-GEMMs (MR rows x 16*NV columns of accumulators) on weights
 // packed once per call into column panels. The AVX-512 build uses 12 x 32 tiles (24 zmm accumulators),
@@ -134,6 +134,8 @@ struct MlpArgs {
   const float* grad_out;
   float *out, *dx;
   float *mean, *rstd;         // per row, with the norm: written by the forward, read by the backward
+  float* hidden_out;          // forward: fc1's output (M x Hd, before GELU) is also written here (or null)
+  const float* hidden_in;     // backward: fc1's output as the forward wrote it (null: recomputed)
 };
 
 // fc1's input rows for a chunk into dst (R x np, zero padded): LayerNorm(x) when the args have a
@@ -169,6 +171,8 @@ MVF_INLINE void forward_rows(const MlpArgs& a, int64_t r0, int64_t r1, float* sl
       ld = dp;
     }
     T::template gemm<MR, false, kStoreBias>(in, ld, a.w1_t, D * T::NR, T::NR, h, hp, R, Hd, D, a.b1, nullptr);
+    if (a.hidden_out)
+      for (int64_t r = 0; r < R; ++r) std::memcpy(a.hidden_out + (c + r) * Hd, h + r * hp, Hd * sizeof(float));
     for (int64_t r = 0; r < R; ++r) {
       float* hr = h + r * hp;
       for (int64_t j = 0; j < Hd; ++j) {
@@ -225,7 +229,10 @@ MVF_INLINE void backward_rows(const MlpArgs& a, int64_t r0, int64_t r1, float* s
     const float* dy = a.grad_out + c * D;
     T::template gemm<MR, false, kStore>(dy, D, a.w2, D * T::NR, T::NR, g, hp, R, hp, D, nullptr, nullptr);
     input_rows(a, c, R, dp, false, xc);
-    T::template gemm<MR, false, kStoreBias>(xc, dp, a.w1_t, D * T::NR, T::NR, act, hp, R, Hd, D, a.b1, nullptr);
+    if (a.hidden_in)  // the forward's fc1 output: the same bits the GEMM below would recompute
+      for (int64_t r = 0; r < R; ++r) std::memcpy(act + r * hp, a.hidden_in + (c + r) * Hd, Hd * sizeof(float));
+    else
+      T::template gemm<MR, false, kStoreBias>(xc, dp, a.w1_t, D * T::NR, T::NR, act, hp, R, Hd, D, a.b1, nullptr);
     for (int64_t r = 0; r < R; ++r) {
       float* gr = g + r * hp;
       float* ar = act + r * hp;  // fc1's output, replaced by gelu of it
@@ -445,7 +452,8 @@ void sum_slots(const float* scratch, int64_t slots, int64_t per_slot, int64_t of
 const char* fused_layers_isa() { return variant().name; }
 
 void mlp_forward_cpu(const float* x, const float* w1, const float* b1, const float* w2, const float* b2,
-                     const float* norm_weight, const float* norm_bias, float eps, bool residual, float* out, float* mean, float* rstd, int64_t rows, int64_t dim, int64_t hidden, int threads) {
+                     const float* norm_weight, const float* norm_bias, float eps, bool residual, float* out, float* mean,
+                     float* rstd, float* hidden_out, int64_t rows, int64_t dim, int64_t hidden, int threads) {
   const int64_t D = dim, Hd = hidden, hp = padded(Hd), dp = padded(D);
   const int64_t slots = row_slots(rows, threads);
   const int64_t per_slot = forward_scratch(D, Hd);
@@ -462,7 +470,7 @@ void mlp_forward_cpu(const float* x, const float* w1, const float* b1, const flo
   MlpArgs a{};
   a.dim = D, a.hidden = Hd, a.x = x, a.out = out;
   a.gamma = norm_weight, a.beta = norm_bias, a.eps = eps, a.residual = residual, a.mean = mean, a.rstd = rstd;
-  a.w1_t = w1_t, a.w2_t = w2_t, a.b1 = bias1, a.b2 = bias2;
+  a.w1_t = w1_t, a.w2_t = w2_t, a.b1 = bias1, a.b2 = bias2, a.hidden_out = hidden_out;
   const auto forward = variant().forward;
   for_each_slot(rows, slots, threads, [&](int64_t s, int64_t r0, int64_t r1) {
     forward(a, r0, r1, scratch + s * per_slot);
@@ -472,7 +480,8 @@ void mlp_forward_cpu(const float* x, const float* w1, const float* b1, const flo
 void mlp_backward_cpu(const float* grad_out, const float* x, const float* mean, const float* rstd,
                       const float* norm_weight, const float* norm_bias, bool residual, const float* w1, const float* b1,
                       const float* w2, float* dx, float* dw1, float* db1, float* dw2, float* db2, float* dnorm_weight,
-                      float* dnorm_bias, int64_t rows, int64_t dim, int64_t hidden, int threads) {
+                      float* dnorm_bias, const float* hidden_in, int64_t rows, int64_t dim, int64_t hidden,
+                      int threads) {
   const int64_t D = dim, Hd = hidden, hp = padded(Hd), dp = padded(D);
   const int64_t slots = row_slots(rows, threads);
   const int64_t per_slot = backward_scratch(D, Hd);
@@ -484,10 +493,12 @@ void mlp_backward_cpu(const float* grad_out, const float* x, const float* mean, 
   float* scratch = bias1 + hp;
   pack_parallel(w2, Hd, 1, D, Hd, w2p, threads);
   pack_parallel(w1, D, 1, Hd, D, w1p, threads);
-  pack_parallel(w1, 1, D, D, Hd, w1t, threads);
-  copy_padded(b1, Hd, hp, bias1);
+  if (!hidden_in) {  // fc1 is recomputed
+    pack_parallel(w1, 1, D, D, Hd, w1t, threads);
+    copy_padded(b1, Hd, hp, bias1);
+  }
   MlpArgs a{};
-  a.w1_t = w1t, a.b1 = bias1;
+  a.w1_t = w1t, a.b1 = bias1, a.hidden_in = hidden_in;
   a.dim = D, a.hidden = Hd, a.x = x, a.grad_out = grad_out;
   a.gamma = norm_weight, a.beta = norm_bias, a.residual = residual;
   a.mean = const_cast<float*>(mean), a.rstd = const_cast<float*>(rstd);

@@ -4,10 +4,11 @@ x (..., D), fc1's weight (Hd, D) and bias (Hd), fc2's weight (D, Hd) and bias (D
 
 Backends: ``torch`` is two ``F.linear`` calls around ``F.gelu`` (the reference, plain autograd);
 ``cpp`` is the extension's float32 CPU kernel (csrc/cpu/mlp.cpp): each thread works through its rows
-in chunks whose hidden activations stay in its L2 cache, so the (..., Hd) hidden tensor never goes
-through memory (unfused it does five or six times per step) and is not kept for the backward, which
-recomputes fc1 per chunk (M x Hd floats less activation memory per layer); the weight gradients
-accumulate per thread. It is reached through the custom ops ``mvmae_fast::mlp`` (x2d, w1, b1, w2, b2)
+in chunks whose hidden activations stay in its L2 cache, so the (..., Hd) hidden tensor goes through
+memory once at most (unfused it does five or six times per step): in eager mode fc1's output is
+written once for the backward, which reads it back per chunk; through the custom ops (torch.compile)
+nothing of the hidden layer is kept and the backward recomputes fc1 (the same bits, a fifth more
+GEMM work, M x Hd floats less memory). The weight gradients accumulate per thread. It is reached through the custom ops ``mvmae_fast::mlp`` (x2d, w1, b1, w2, b2)
 -> out and ``mvmae_fast::mlp_backward`` (grad_out, x2d, w1, b1, w2) -> (dx, dw1, db1, dw2, db2), so
 ``torch.compile`` traces through them. :func:`prenorm_mlp` and :func:`prenorm_linear` are the
 pre-norm block's pieces built on the same kernel.
@@ -172,14 +173,26 @@ def _mlp_op(x: torch.Tensor, w1: torch.Tensor, b1: torch.Tensor, w2: torch.Tenso
     return _mlp_forward(x, w1, b1, w2, b2)
 
 
-def _mlp_forward(x, w1, b1, w2, b2):
-    """The kernel call behind mvmae_fast::mlp (and the eager path): arguments already checked."""
+def _new_hidden(x, w1, keep):
+    """fc1's output (M, Hd) for the forward kernel to write and the backward to read, or None (the
+    backward recomputes it; the custom ops do, so their schemas carry no extra tensor)."""
+    return new_output((x.shape[0], w1.shape[0]), x.dtype, x.device) if keep else None
+
+
+def _ptr(t):
+    return 0 if t is None else t.data_ptr()
+
+
+def _mlp_forward(x, w1, b1, w2, b2, keep_hidden=False):
+    """The kernel call behind mvmae_fast::mlp (and the eager path): arguments already checked. Returns
+    out, or (out, fc1's output) with keep_hidden."""
     x, w1, b1, w2, b2 = _contiguous(x, w1, b1, w2, b2)
     rows, dim = x.shape
     out = new_output((rows, dim), x.dtype, x.device)
+    hidden = _new_hidden(x, w1, keep_hidden)
     _ext._C.mlp_forward_cpu(x.data_ptr(), w1.data_ptr(), b1.data_ptr(), w2.data_ptr(), b2.data_ptr(), 0, 0, 0.0, False,
-                            out.data_ptr(), 0, 0, rows, dim, w1.shape[0], torch.get_num_threads())
-    return out
+                            out.data_ptr(), 0, 0, _ptr(hidden), rows, dim, w1.shape[0], torch.get_num_threads())
+    return (out, hidden) if keep_hidden else out
 
 
 @_mlp_op.register_fake
@@ -201,14 +214,15 @@ def _mlp_backward_op(grad_out: torch.Tensor, x: torch.Tensor, w1: torch.Tensor, 
     return _mlp_backward(grad_out, x, w1, b1, w2)
 
 
-def _mlp_backward(grad_out, x, w1, b1, w2):
+def _mlp_backward(grad_out, x, w1, b1, w2, fc1_out=None):
+    """fc1_out: the forward's (keep_hidden) fc1 output, or None to recompute it (same bits)."""
     grad_out, x, w1, b1, w2 = _contiguous(grad_out, x, w1, b1, w2)
     rows, dim = x.shape
     hidden = w1.shape[0]
     dx, dw1, db1, dw2, db2 = _vector_grads(x, dim, hidden)
     _ext._C.mlp_backward_cpu(grad_out.data_ptr(), x.data_ptr(), 0, 0, 0, 0, False, w1.data_ptr(), b1.data_ptr(),
                              w2.data_ptr(), dx.data_ptr(), dw1.data_ptr(), db1.data_ptr(), dw2.data_ptr(), db2.data_ptr(),
-                             0, 0, rows, dim, hidden, torch.get_num_threads())
+                             0, 0, _ptr(fc1_out), rows, dim, hidden, torch.get_num_threads())
     return dx, dw1, db1, dw2, db2
 
 
@@ -251,11 +265,14 @@ def mlp(x, w1, b1, w2, b2, *, backend=None):
 # public functions) instead of through the custom ops, whose Python dispatch costs ~50-100 us per call
 # (~3 ms per training step of the micro preset); torch.compile, export, functorch transforms, fake
 # tensors and dispatch modes get the custom ops (see _utils.direct_kernel_calls).
+# The eager MLP nodes keep fc1's output (M x Hd floats) for the backward instead of recomputing it
+# there: a fifth of the backward's GEMM work (7% of a tiny-preset training step) for a copy.
 class _EagerMlp(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, w1, b1, w2, b2):
-        ctx.save_for_backward(x, w1, b1, w2)
-        return _mlp_forward(x, w1, b1, w2, b2)
+        out, fc1_out = _mlp_forward(x, w1, b1, w2, b2, keep_hidden=True)
+        ctx.save_for_backward(x, w1, b1, w2, fc1_out)
+        return out
 
     @staticmethod
     @torch.autograd.function.once_differentiable
@@ -266,8 +283,8 @@ class _EagerMlp(torch.autograd.Function):
 class _EagerPrenormMlp(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, norm_weight, norm_bias, eps, w1, b1, w2, b2):
-        out, mean, rstd = _prenorm_forward(x, norm_weight, norm_bias, eps, w1, b1, w2, b2)
-        ctx.save_for_backward(x, mean, rstd, norm_weight, norm_bias, w1, b1, w2)
+        out, mean, rstd, fc1_out = _prenorm_forward(x, norm_weight, norm_bias, eps, w1, b1, w2, b2, keep_hidden=True)
+        ctx.save_for_backward(x, mean, rstd, norm_weight, norm_bias, w1, b1, w2, fc1_out)
         return out
 
     @staticmethod
@@ -315,16 +332,19 @@ def _prenorm_op(x: torch.Tensor, norm_weight: torch.Tensor, norm_bias: torch.Ten
     return _prenorm_forward(x, norm_weight, norm_bias, eps, w1, b1, w2, b2)
 
 
-def _prenorm_forward(x, norm_weight, norm_bias, eps, w1, b1, w2, b2):
+def _prenorm_forward(x, norm_weight, norm_bias, eps, w1, b1, w2, b2, keep_hidden=False):
+    """(out, mean, rstd), and fc1's output with keep_hidden."""
     x, norm_weight, norm_bias, w1, b1, w2, b2 = _contiguous(x, norm_weight, norm_bias, w1, b1, w2, b2)
     rows, dim = x.shape
     out = new_output((rows, dim), x.dtype, x.device)
     mean = new_output((rows,), x.dtype, x.device)
     rstd = new_output((rows,), x.dtype, x.device)
+    hidden = _new_hidden(x, w1, keep_hidden)
     _ext._C.mlp_forward_cpu(x.data_ptr(), w1.data_ptr(), b1.data_ptr(), w2.data_ptr(), b2.data_ptr(),
                             norm_weight.data_ptr(), norm_bias.data_ptr(), float(eps), True, out.data_ptr(),
-                            mean.data_ptr(), rstd.data_ptr(), rows, dim, w1.shape[0], torch.get_num_threads())
-    return out, mean, rstd
+                            mean.data_ptr(), rstd.data_ptr(), _ptr(hidden), rows, dim, w1.shape[0],
+                            torch.get_num_threads())
+    return (out, mean, rstd, hidden) if keep_hidden else (out, mean, rstd)
 
 
 @_prenorm_op.register_fake
@@ -344,7 +364,7 @@ def _prenorm_backward_op(grad_out: torch.Tensor, x: torch.Tensor, mean: torch.Te
     return _prenorm_backward_kernel(grad_out, x, mean, rstd, norm_weight, norm_bias, w1, b1, w2)
 
 
-def _prenorm_backward_kernel(grad_out, x, mean, rstd, norm_weight, norm_bias, w1, b1, w2):
+def _prenorm_backward_kernel(grad_out, x, mean, rstd, norm_weight, norm_bias, w1, b1, w2, fc1_out=None):
     grad_out, x, mean, rstd, norm_weight, norm_bias, w1, b1, w2 = _contiguous(
         grad_out, x, mean, rstd, norm_weight, norm_bias, w1, b1, w2)
     rows, dim = x.shape
@@ -354,7 +374,7 @@ def _prenorm_backward_kernel(grad_out, x, mean, rstd, norm_weight, norm_bias, w1
     _ext._C.mlp_backward_cpu(grad_out.data_ptr(), x.data_ptr(), mean.data_ptr(), rstd.data_ptr(),
                              norm_weight.data_ptr(), norm_bias.data_ptr(), True, w1.data_ptr(), b1.data_ptr(),
                              w2.data_ptr(), dx.data_ptr(), dw1.data_ptr(), db1.data_ptr(), dw2.data_ptr(), db2.data_ptr(),
-                             dnw.data_ptr(), dnb.data_ptr(), rows, dim, hidden, torch.get_num_threads())
+                             dnw.data_ptr(), dnb.data_ptr(), _ptr(fc1_out), rows, dim, hidden, torch.get_num_threads())
     return dx, dnw, dnb, dw1, db1, dw2, db2
 
 
