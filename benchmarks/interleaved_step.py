@@ -11,6 +11,7 @@ the CPU numbers to quote. Same models, shapes and optimizer as benchmarks/test_s
         mvmae mvmae_compiled                                   # everything (~2 min on 2 cores)
     python benchmarks/interleaved_step.py --isolated 3         # each provider alone in its own process,
                                                                # processes alternated, 3 rounds
+    python benchmarks/interleaved_step.py --preset vit_tiny_patch4_32 --rounds 10   # the larger preset
 
 Interleaving puts several models' memory in one process; ``--isolated N`` instead runs each provider
 alone in a fresh process (as training would), N rounds of alternating processes, and reports the
@@ -35,13 +36,15 @@ from test_step import PROVIDERS, build, make_step  # noqa: E402
 
 from mvmae_fast import runtime  # noqa: E402
 
-PRESET, BATCH = "vit_micro_patch4_32", 64
+BATCH = 64
 
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--providers", nargs="+", choices=PROVIDERS, default=["reference", "mae"])
     parser.add_argument("--precision", nargs="+", choices=("fp32", "bf16"), default=["fp32", "bf16"])
+    parser.add_argument("--preset", default="vit_micro_patch4_32",
+                        choices=("vit_micro_patch4_32", "vit_tiny_patch4_32"))
     parser.add_argument("--rounds", type=int, default=20)
     parser.add_argument("--warmup", type=int, default=5)
     parser.add_argument("--isolated", type=int, default=0, metavar="N",
@@ -52,17 +55,17 @@ def main():
     args = parser.parse_args()
     malloc = "default" if args.default_malloc or not runtime.retain_freed_memory() else "retain_freed_memory"
     if args.child:
-        return child(*args.child, args.warmup, args.rounds)
+        return child(*args.child, args.preset, args.warmup, args.rounds)
     if args.isolated:
         return isolated(args, malloc)
     device = torch.device("cpu")
-    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, {PRESET} batch {BATCH}, "
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, {args.preset} batch {BATCH}, "
           f"{args.rounds} interleaved rounds, malloc: {malloc}")
     for precision in args.precision:
         steps = {}
         for provider in args.providers:
             torch.manual_seed(0)
-            model, config = build(provider, PRESET, device)
+            model, config = build(provider, args.preset, device)
             steps[provider] = make_step(provider, model, device, BATCH, config, precision)
         for step in steps.values():
             for _ in range(args.warmup):
@@ -81,11 +84,11 @@ def main():
                   f"x{base / median:.3f} vs {args.providers[0]}")
 
 
-def child(provider, precision, warmup, rounds):
+def child(provider, precision, preset, warmup, rounds):
     """One provider alone: print its median step time in seconds."""
     torch.manual_seed(0)
     device = torch.device("cpu")
-    model, config = build(provider, PRESET, device)
+    model, config = build(provider, preset, device)
     step = make_step(provider, model, device, BATCH, config, precision)
     for _ in range(warmup):
         step()
@@ -98,14 +101,15 @@ def child(provider, precision, warmup, rounds):
 
 
 def isolated(args, malloc):
-    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, {PRESET} batch {BATCH}, each provider "
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, {args.preset} batch {BATCH}, each provider "
           f"alone in its own process, {args.isolated} alternating rounds of {args.rounds} steps, malloc: {malloc}")
     for precision in args.precision:
         medians = {p: [] for p in args.providers}
         for _ in range(args.isolated):
             for provider in args.providers:
                 out = subprocess.run([sys.executable, os.path.abspath(__file__), "--child", provider, precision,
-                                      "--warmup", str(args.warmup), "--rounds", str(args.rounds),
+                                      "--preset", args.preset, "--warmup", str(args.warmup),
+                                      "--rounds", str(args.rounds),
                                       *(["--default-malloc"] if args.default_malloc else [])],
                                      check=True, capture_output=True, text=True).stdout
                 medians[provider].append(float(out.split()[-1]))
