@@ -10,6 +10,7 @@
 // to float32 on load and rounded once on store.
 #include <algorithm>
 #include <cmath>
+#include <cstring>
 #include <vector>
 
 #include "../ops.h"
@@ -57,17 +58,57 @@ MVF_INLINE void load_rows(const void* src, const Shape& s, const Row& row, float
   }
 }
 
+// A 16 x 16 block transposed in registers: four butterfly stages, each swapping the off-diagonal
+// S x S sub-blocks (row bit S with lane bit S) with two-input shuffles (vpermt2ps on AVX-512).
+typedef int32_t ivec16 __attribute__((vector_size(64)));
+
+template <int S>
+MVF_INLINE void butterfly(vec16* r, ivec16 lo, ivec16 hi) {
+  for (int i = 0; i < 16; ++i) {
+    if (i & S) continue;
+    const vec16 a = r[i], b = r[i + S];
+    r[i] = __builtin_shuffle(a, b, lo);      // lane j: a[j], or b[j - S] where lane bit S is set
+    r[i + S] = __builtin_shuffle(a, b, hi);  // lane j: a[j + S], or b[j] where lane bit S is set
+  }
+}
+
+MVF_INLINE void transpose16(vec16* r) {
+  butterfly<1>(r, ivec16{0, 16, 2, 18, 4, 20, 6, 22, 8, 24, 10, 26, 12, 28, 14, 30},
+               ivec16{1, 17, 3, 19, 5, 21, 7, 23, 9, 25, 11, 27, 13, 29, 15, 31});
+  butterfly<2>(r, ivec16{0, 1, 16, 17, 4, 5, 20, 21, 8, 9, 24, 25, 12, 13, 28, 29},
+               ivec16{2, 3, 18, 19, 6, 7, 22, 23, 10, 11, 26, 27, 14, 15, 30, 31});
+  butterfly<4>(r, ivec16{0, 1, 2, 3, 16, 17, 18, 19, 8, 9, 10, 11, 24, 25, 26, 27},
+               ivec16{4, 5, 6, 7, 20, 21, 22, 23, 12, 13, 14, 15, 28, 29, 30, 31});
+  butterfly<8>(r, ivec16{0, 1, 2, 3, 4, 5, 6, 7, 16, 17, 18, 19, 20, 21, 22, 23},
+               ivec16{8, 9, 10, 11, 12, 13, 14, 15, 24, 25, 26, 27, 28, 29, 30, 31});
+}
+
 // The same rows transposed: dst (Dh x np), dst[d * np + i] = element d of row i, times mul; zero in
-// the padded columns (rows Dh..dp are never read: every product with it stops at Dh).
+// the padded columns (rows Dh..dp are never read: every product with it stops at Dh). Blocks of 16
+// rows x 16 elements are read row by row (contiguous) and transposed in registers: reading the
+// columns directly costs one strided load per element.
 template <int D, class Row>
 MVF_INLINE void load_columns(const void* src, const Shape& s, const Row& row, float mul, float* dst) {
-  const int64_t np = s.np();
-  // Column by column: contiguous stores (row(i) is affine in i, so the loads vectorise as gathers).
-  const int64_t base0 = row(0), step = s.seq > 1 ? row(1) - row(0) : 0;
-  for (int64_t d = 0; d < s.head_dim; ++d) {
-    float* out = dst + d * np;
-    for (int64_t i = 0; i < s.seq; ++i) out[i] = load_as_float<D>(src, base0 + i * step + d) * mul;
-    for (int64_t i = s.seq; i < np; ++i) out[i] = 0.0f;
+  const int64_t np = s.np(), hd = s.head_dim, N = s.seq;
+  for (int64_t i0 = 0; i0 < np; i0 += 16) {
+    for (int64_t d0 = 0; d0 < hd; d0 += 16) {
+      const int64_t dw = std::min<int64_t>(16, hd - d0);
+      vec16 r[16];
+      for (int64_t ii = 0; ii < 16; ++ii) {
+        float v[16] = {};
+        if (i0 + ii < N) {
+          const int64_t base = row(i0 + ii) + d0;
+          if (dw == 16) {
+            for (int64_t dd = 0; dd < 16; ++dd) v[dd] = load_as_float<D>(src, base + dd) * mul;
+          } else {
+            for (int64_t dd = 0; dd < dw; ++dd) v[dd] = load_as_float<D>(src, base + dd) * mul;
+          }
+        }
+        std::memcpy(&r[ii], v, sizeof v);
+      }
+      transpose16(r);
+      for (int64_t dd = 0; dd < dw; ++dd) std::memcpy(dst + (d0 + dd) * np + i0, &r[dd], sizeof(vec16));
+    }
   }
 }
 
