@@ -135,6 +135,31 @@ struct FlushDenormals {
 // baseline clone (which spills; it only runs on CPUs older than AVX2).
 typedef float vec16 __attribute__((vector_size(64)));
 
+// A 16 x 16 block transposed in registers: four butterfly stages, each swapping the off-diagonal
+// S x S sub-blocks (row bit S with lane bit S) with two-input shuffles (vpermt2ps on AVX-512).
+typedef int32_t ivec16 __attribute__((vector_size(64)));
+
+template <int S>
+MVF_INLINE void butterfly(vec16* r, ivec16 lo, ivec16 hi) {
+  for (int i = 0; i < 16; ++i) {
+    if (i & S) continue;
+    const vec16 a = r[i], b = r[i + S];
+    r[i] = __builtin_shuffle(a, b, lo);      // lane j: a[j], or b[j - S] where lane bit S is set
+    r[i + S] = __builtin_shuffle(a, b, hi);  // lane j: a[j + S], or b[j] where lane bit S is set
+  }
+}
+
+MVF_INLINE void transpose16(vec16* r) {
+  butterfly<1>(r, ivec16{0, 16, 2, 18, 4, 20, 6, 22, 8, 24, 10, 26, 12, 28, 14, 30},
+               ivec16{1, 17, 3, 19, 5, 21, 7, 23, 9, 25, 11, 27, 13, 29, 15, 31});
+  butterfly<2>(r, ivec16{0, 1, 16, 17, 4, 5, 20, 21, 8, 9, 24, 25, 12, 13, 28, 29},
+               ivec16{2, 3, 18, 19, 6, 7, 22, 23, 10, 11, 26, 27, 14, 15, 30, 31});
+  butterfly<4>(r, ivec16{0, 1, 2, 3, 16, 17, 18, 19, 8, 9, 10, 11, 24, 25, 26, 27},
+               ivec16{4, 5, 6, 7, 20, 21, 22, 23, 12, 13, 14, 15, 28, 29, 30, 31});
+  butterfly<8>(r, ivec16{0, 1, 2, 3, 4, 5, 6, 7, 16, 17, 18, 19, 20, 21, 22, 23},
+               ivec16{8, 9, 10, 11, 12, 13, 14, 15, 24, 25, 26, 27, 28, 29, 30, 31});
+}
+
 // C[MR x NC] = A[MR x K] * B[K x NC], row-major with leading dims; NC a multiple of kVec. Each
 // kVec-wide column block keeps MR accumulator vectors in registers over the whole K loop.
 // TRANS_A: A is stored transposed, (K x MR) with leading dim lda, so C = A^T B without a copy.
