@@ -410,3 +410,32 @@ def test_compiled_fullgraph():
         results.append((loss.detach(), p.grad, w.grad))
     for got, want in zip(results[1], results[0]):
         torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-7)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_recon_rows_eager_cpu_path_matches_the_custom_op(dtype):
+    """Eager CPU calls run the cpp kernels from an autograd Function (no custom-op dispatch); the custom
+    op (what torch.compile runs) gives the same bits for the losses and the gradient; imgs still may not
+    require grad; a traced call (make_fx) goes through the custom op."""
+    g = torch.Generator().manual_seed(3)
+    imgs = torch.randn(2, 3, 3, 16, 16, generator=g)
+    ids = torch.stack([torch.randperm(16, generator=g)[:11] for _ in range(6)])
+    pred = torch.randn(6, 11, 48, generator=g).to(dtype)
+    weights = torch.tensor([0.7, 1.3])
+    results = []
+    for eager in (True, False):
+        leaf = pred.clone().requires_grad_(True)
+        if eager:
+            losses = masked_recon_loss_rows(leaf, imgs, ids, 4, True, views=2)
+        else:
+            losses = torch.ops.mvmae_fast.masked_recon_loss_rows(leaf, imgs, ids, 4, True, True, "cpp")
+        assert ("_EagerCppReconRows" in type(losses.grad_fn).__name__) == eager, type(losses.grad_fn).__name__
+        (losses * weights).sum().backward()
+        results.append((losses.detach(), leaf.grad))
+    for a, b in zip(*results):
+        assert torch.equal(a, b)
+    with pytest.raises(NotImplementedError, match="not differentiable in imgs"):
+        masked_recon_loss_rows(pred.requires_grad_(), imgs.requires_grad_(), ids, 4, True, views=2).sum().backward()
+    graph = torch.fx.experimental.proxy_tensor.make_fx(
+        lambda p: masked_recon_loss_rows(p, imgs.detach(), ids, 4, True, views=2))(pred.detach())
+    assert "mvmae_fast.masked_recon_loss_rows" in str(graph.graph)

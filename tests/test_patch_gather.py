@@ -594,3 +594,63 @@ def _opcheck_cases():
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_opcheck(backend, op):
     torch.library.opcheck(*_opcheck_cases()[op](backend))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_unshuffle_eager_cpu_path_matches_the_custom_op(dtype):
+    """Eager CPU calls run the cpp kernels from an autograd Function (no custom-op dispatch); the custom
+    op gives the same bits for the output and every gradient, a double backward included; a traced call
+    (make_fx) goes through the custom op."""
+    from mvmae_fast.ops import decoder_unshuffle
+
+    g = torch.Generator().manual_seed(5)
+    B, L, K, D = 3, 12, 4, 8
+    x = torch.randn(B, K + 1, D, generator=g).to(dtype)
+    ids = torch.stack([torch.randperm(L, generator=g) for _ in range(B)])
+    token, pos = torch.randn(1, 1, D, generator=g), torch.randn(1, L + 1, D, generator=g)
+    grad = torch.randn(B, L + 1, D, generator=g)
+    results = []
+    for eager in (True, False):
+        leaves = [t.clone().requires_grad_(True) for t in (x, token, pos)]
+        if eager:
+            out = decoder_unshuffle(leaves[0], ids, leaves[1], leaves[2])
+        else:
+            out = torch.ops.mvmae_fast.decoder_unshuffle(leaves[0], ids, leaves[1], leaves[2], True, "cpp")
+        assert ("_EagerCppUnshuffle" in type(out.grad_fn).__name__) == eager, type(out.grad_fn).__name__
+        g_out = grad.to(out.dtype).requires_grad_(True)
+        grads = torch.autograd.grad(out, leaves, g_out, create_graph=True)
+        (second,) = torch.autograd.grad(sum(t.float().sum() for t in grads[:2]), g_out)
+        results.append((out.detach(), *(t.detach() for t in grads), second))
+    for a, b in zip(*results):
+        assert torch.equal(a, b)
+    graph = torch.fx.experimental.proxy_tensor.make_fx(lambda t: decoder_unshuffle(t, ids, token, pos))(x)
+    assert "mvmae_fast.decoder_unshuffle" in str(graph.graph)
+
+
+def test_patch_embed_eager_cpu_path_matches_the_custom_ops():
+    """On the CPU gather_visible_patches / gather_table_rows run their torch code; eager calls run it
+    from autograd Functions (no custom-op dispatch) with the same bits as the custom ops, forward,
+    backward and double backward; a traced call (make_fx) goes through the custom ops."""
+    g = torch.Generator().manual_seed(7)
+    imgs = torch.randn(2, 3, 8, 12, generator=g)
+    ids = torch.stack([torch.randperm(6, generator=g)[:4] for _ in range(2)])
+    table = torch.randn(6, 5, generator=g)
+    results = []
+    for eager in (True, False):
+        im, tb = imgs.clone().requires_grad_(True), table.clone().requires_grad_(True)
+        if eager:
+            patches, rows = gather_visible_patches(im, ids, 4), gather_table_rows(tb, ids)
+        else:
+            patches = torch.ops.mvmae_fast.gather_visible_patches(im, ids, 4, True, "")
+            rows = torch.ops.mvmae_fast.gather_table_rows(tb, ids, True, "")
+        for out, name in ((patches, "_EagerVisiblePatches"), (rows, "_EagerTableRows")):
+            assert (name in type(out.grad_fn).__name__) == eager, type(out.grad_fn).__name__
+        gp = torch.randn(patches.shape, generator=torch.Generator().manual_seed(1)).requires_grad_(True)
+        gr = torch.randn(rows.shape, generator=torch.Generator().manual_seed(2)).requires_grad_(True)
+        d_im, d_tb = torch.autograd.grad((patches, rows), (im, tb), (gp, gr), create_graph=True)
+        second = torch.autograd.grad((d_im * d_im).sum() + (d_tb * d_tb).sum(), (gp, gr))
+        results.append((patches.detach(), rows.detach(), d_im.detach(), d_tb.detach(), *second))
+    for a, b in zip(*results):
+        assert torch.equal(a, b)
+    graph = torch.fx.experimental.proxy_tensor.make_fx(lambda t: gather_table_rows(t, ids))(table)
+    assert "mvmae_fast.gather_table_rows" in str(graph.graph)

@@ -574,3 +574,34 @@ def test_torch_compile_fullgraph_gather_backward():
     torch.testing.assert_close(loss_comp, loss_eager)
     assert_bitwise_equal(x_comp.grad, x_eager.grad, "compiled x.grad")
     assert_bitwise_equal(x_eager.grad, ref_scatter(w, ids, L), "eager x.grad")
+
+
+# --------------------------------------------------------------------------- #
+# eager CPU calls skip the custom ops' dispatch
+# --------------------------------------------------------------------------- #
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64], ids=str)
+def test_eager_cpu_path_matches_the_custom_ops(dtype):
+    """In eager mode on the CPU, gather_rows / scatter_rows run the cpp kernels from autograd Functions;
+    the custom ops (what torch.compile runs) give the same bits, forward and backward; a traced call
+    (make_fx) still goes through the custom op."""
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(3, 11, 5, generator=g).to(dtype)
+    ids = torch.stack([torch.randperm(11, generator=g)[:4] for _ in range(3)])
+    grad = torch.randn(3, 4, 5, generator=g).to(dtype)
+    results = []
+    for eager in (True, False):
+        leaf = x.clone().requires_grad_(True)
+        out = ops.gather_rows(leaf, ids) if eager else torch.ops.mvmae_fast.gather_rows(leaf, ids, True, "")
+        assert ("_EagerGatherRows" in type(out.grad_fn).__name__) == eager, type(out.grad_fn).__name__
+        out.backward(grad)
+        y = grad.clone().requires_grad_(True)
+        scattered = ops.scatter_rows(y, ids, 11) if eager else torch.ops.mvmae_fast.scatter_rows(y, ids, 11, True, "")
+        assert ("_EagerScatterRows" in type(scattered.grad_fn).__name__) == eager
+        scattered.backward(x)
+        results.append((out.detach(), leaf.grad, scattered.detach(), y.grad))
+    for a, b in zip(*results):
+        assert torch.equal(a, b)
+    graph = torch.fx.experimental.proxy_tensor.make_fx(lambda t: ops.gather_rows(t, ids))(x)
+    assert "mvmae_fast.gather_rows" in str(graph.graph)
+    with pytest.raises(ValueError, match="must lie in"):
+        ops.gather_rows(x, ids + 11)

@@ -23,7 +23,8 @@ import torch
 import torch.nn.functional as F
 
 from ... import backends
-from ..._utils import check_index_values, check_int, check_same_device, check_tensor, device_guard, new_output
+from ..._utils import (check_index_values, check_int, check_same_device, check_tensor, device_guard,
+                       direct_kernel_calls, new_output)
 from . import reference
 
 _DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
@@ -245,6 +246,66 @@ _gather_table_rows_op.register_autograd(_table_backward, setup_context=_table_se
 _scatter_add_table_rows_op.register_autograd(_table_grad_backward, setup_context=_table_grad_setup)
 
 
+# -- eager CPU: the torch code without the custom ops' Python dispatch ----------------------------
+# On the CPU these ops run their torch code; eager calls run it from autograd Functions with the
+# same backward (the partner op's torch code) instead of through the custom ops' dispatch (~70 us a
+# call, twice that with the backward). torch.compile and the other tracers get the custom ops
+# (_utils.direct_kernel_calls); a differentiated backward (create_graph) runs the partner custom op.
+def _eager_torch(op, device, backend, *tensors):
+    return (device.type == "cpu" and direct_kernel_calls(*tensors)
+            and backends.select_backend(op, device, backend, _IMPLEMENTED) == "torch")
+
+
+class _EagerVisiblePatches(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, imgs, ids_keep, patch_size):
+        ctx.save_for_backward(ids_keep)
+        ctx.patch_size, ctx.image_size = patch_size, tuple(imgs.shape[2:])
+        return reference.gather_visible_patches(imgs, ids_keep, patch_size)
+
+    @staticmethod
+    def backward(ctx, grad):
+        (ids_keep,) = ctx.saved_tensors
+        if torch.is_grad_enabled():
+            return _scatter_visible_patches_op(grad, ids_keep, ctx.patch_size, *ctx.image_size, False, "torch"), None, None
+        return reference.scatter_visible_patches(grad, ids_keep, ctx.patch_size, *ctx.image_size), None, None
+
+
+class _EagerTableRows(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, table, ids):
+        ctx.save_for_backward(ids)
+        ctx.num_rows = table.shape[0]
+        return reference.gather_table_rows(table, ids)
+
+    @staticmethod
+    def backward(ctx, grad):
+        (ids,) = ctx.saved_tensors
+        if torch.is_grad_enabled():
+            return _scatter_add_table_rows_op(grad, ids, ctx.num_rows, False, "torch"), None
+        return reference.scatter_add_table_rows(grad, ids, ctx.num_rows), None
+
+
+def _visible_patches(imgs, ids_keep, patch_size, check_indices, backend):
+    if (isinstance(imgs, torch.Tensor) and isinstance(ids_keep, torch.Tensor)
+            and _eager_torch("gather_visible_patches", imgs.device, backend, imgs, ids_keep)):
+        num_patches = _check_gather(imgs, ids_keep, patch_size)
+        if check_indices:
+            check_index_values("ids_keep", ids_keep, num_patches)
+        return _EagerVisiblePatches.apply(imgs, ids_keep, patch_size)
+    return _gather_visible_patches_op(imgs, ids_keep, patch_size, check_indices, backend)
+
+
+def _table_rows(table, ids, check_indices, backend):
+    if (isinstance(table, torch.Tensor) and isinstance(ids, torch.Tensor)
+            and _eager_torch("gather_table_rows", table.device, backend, table, ids)):
+        _check_table(table, ids)
+        if check_indices:
+            check_index_values("ids", ids, table.shape[0])
+        return _EagerTableRows.apply(table, ids)
+    return _gather_table_rows_op(table, ids, check_indices, backend)
+
+
 # -- public API ----------------------------------------------------------------------------------
 def gather_visible_patches(imgs, ids_keep, patch_size, *, check_indices=True, backend=None):
     """Pixels of the kept patches, (B, C, H, W) and (B, K) -> (B, K, p*p*C) in patchify layout.
@@ -252,12 +313,12 @@ def gather_visible_patches(imgs, ids_keep, patch_size, *, check_indices=True, ba
     Differentiable in ``imgs``. H and W must be multiples of ``patch_size``; patch l is at grid row
     l // (W/p), column l % (W/p).
     """
-    return _gather_visible_patches_op(imgs, ids_keep, patch_size, check_indices, backend or "")
+    return _visible_patches(imgs, ids_keep, patch_size, check_indices, backend or "")
 
 
 def gather_table_rows(table, ids, *, check_indices=True, backend=None):
     """``table[ids]``: (L, D) and (B, K) -> (B, K, D). Differentiable in ``table`` (deterministic)."""
-    return _gather_table_rows_op(table, ids, check_indices, backend or "")
+    return _table_rows(table, ids, check_indices, backend or "")
 
 
 def embed_visible_patches(imgs, ids_keep, proj_weight, proj_bias, pos_embed, *, check_indices=True, backend=None):
@@ -298,13 +359,13 @@ def embed_visible_patches(imgs, ids_keep, proj_weight, proj_bias, pos_embed, *, 
                         + ", ".join(f"{name} {t.dtype}" for name, t in [("imgs", imgs), *params]))
 
     backend = backend or ""
-    patches = _gather_visible_patches_op(imgs, ids_keep, p, check_indices, backend)
+    patches = _visible_patches(imgs, ids_keep, p, check_indices, backend)
     weight = proj_weight.permute(0, 2, 3, 1).reshape(D, p * p * C)
     pos = pos_embed[0, 1:]
     if autocast:
-        return F.linear(patches, weight, proj_bias) + _gather_table_rows_op(pos, ids_keep, False, backend)
+        return F.linear(patches, weight, proj_bias) + _table_rows(pos, ids_keep, False, backend)
     table = pos if proj_bias is None else pos + proj_bias
-    rows = _gather_table_rows_op(table, ids_keep, False, backend)
+    rows = _table_rows(table, ids_keep, False, backend)
     B, K = ids_keep.shape
     return torch.addmm(rows.view(B * K, D), patches.view(B * K, -1), weight.t()).view(B, K, D)
 

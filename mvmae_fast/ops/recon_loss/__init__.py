@@ -13,7 +13,8 @@ never materialising them; their backward pass writes the gradient of the predict
 import torch
 
 from ... import _ext, backends
-from ..._utils import CPP_DTYPE_CODES, check_index_values, check_int, check_tensor, device_guard, new_output
+from ..._utils import (CPP_DTYPE_CODES, check_index_values, check_int, check_tensor, device_guard, direct_kernel_calls,
+                       new_output)
 
 _IMPLEMENTED = ("torch", "cpp", "triton")
 _KERNELS = ("cpp", "triton")  # the backends the custom ops run
@@ -164,14 +165,31 @@ def _recon_rows_op(pred: torch.Tensor, imgs: torch.Tensor, ids_removed: torch.Te
         if not _cpp_runs(pred, imgs):
             raise TypeError(f"masked_recon_loss_rows: the cpp kernels take float32/bfloat16/float16 pred and imgs, "
                             f"got {pred.dtype} and {imgs.dtype} (use backend='torch')")
-        sums = _cpp_squared_error_sums(pred.contiguous(), imgs, ids_removed.contiguous(), patch_size, norm_pix_loss)
-        return (sums / (P * B * M)).to(_loss_dtype(pred, imgs))
+        return _cpp_losses(pred, imgs, ids_removed, patch_size, norm_pix_loss)
     from . import triton_impl
 
     with device_guard(pred.device):
         sums = triton_impl.squared_error_sums(pred.contiguous(), imgs, ids_removed.contiguous(), patch_size,
                                               norm_pix_loss)
     return (sums / (P * B * M)).to(_loss_dtype(pred, imgs))
+
+
+def _cpp_losses(pred, imgs, ids_removed, patch_size, norm_pix_loss):
+    B, M, P = imgs.shape[1], pred.shape[1], pred.shape[2]
+    sums = _cpp_squared_error_sums(pred.contiguous(), imgs, ids_removed.contiguous(), patch_size, norm_pix_loss)
+    return (sums / (P * B * M)).to(_loss_dtype(pred, imgs))
+
+
+def _cpp_grad_pred(grad_losses, pred, imgs, ids_removed, patch_size, norm_pix_loss):
+    pred = pred.contiguous()
+    grad = new_output(pred.shape, pred.dtype, pred.device)
+    B, M, P = imgs.shape[1], pred.shape[1], pred.shape[2]
+    scale = (grad_losses.to(torch.float64) / (P * B * M)).to(torch.float32).contiguous()
+    ids_removed = ids_removed.contiguous()
+    head, sizes, imgs = _cpp_args(pred, imgs, ids_removed, patch_size)  # keeps a float32 copy alive
+    _ext._C.recon_rows_backward_cpu(scale.data_ptr(), *head, grad.data_ptr(), *sizes, norm_pix_loss,
+                                    torch.get_num_threads())
+    return grad
 
 
 @_recon_rows_op.register_fake
@@ -189,19 +207,13 @@ def _recon_rows_backward_op(grad_losses: torch.Tensor, pred: torch.Tensor, imgs:
     if grad_losses.shape != (imgs.shape[0],):
         raise ValueError(f"grad_losses must have shape ({imgs.shape[0]},), got {tuple(grad_losses.shape)}")
     name = backends.select_backend("masked_recon_loss_rows", pred.device, backend, _implemented(pred.device, True))
-    pred = pred.contiguous()
-    grad = new_output(pred.shape, pred.dtype, pred.device)
     if name == "cpp":
         if not _cpp_runs(pred, imgs):
             raise TypeError(f"masked_recon_loss_rows_backward: the cpp kernels take float32/bfloat16/float16 pred "
                             f"and imgs, got {pred.dtype} and {imgs.dtype}")
-        B, M, P = imgs.shape[1], pred.shape[1], pred.shape[2]
-        scale = (grad_losses.to(torch.float64) / (P * B * M)).to(torch.float32).contiguous()
-        ids_removed = ids_removed.contiguous()
-        head, sizes, imgs = _cpp_args(pred, imgs, ids_removed, patch_size)  # keeps a float32 copy alive
-        _ext._C.recon_rows_backward_cpu(scale.data_ptr(), *head, grad.data_ptr(), *sizes, norm_pix_loss,
-                                        torch.get_num_threads())
-        return grad
+        return _cpp_grad_pred(grad_losses, pred, imgs, ids_removed, patch_size, norm_pix_loss)
+    pred = pred.contiguous()
+    grad = new_output(pred.shape, pred.dtype, pred.device)
     from . import triton_impl
 
     with device_guard(pred.device):
@@ -235,6 +247,30 @@ def _recon_rows_backward(ctx, grad_losses):
 
 
 _recon_rows_op.register_autograd(_recon_rows_backward, setup_context=_recon_rows_setup)
+
+
+class _EagerCppReconRows(torch.autograd.Function):
+    """The cpp kernels called from eager mode on the CPU without the custom ops' Python dispatch
+    (~70 us a call, twice that with the backward); the same checks, kernels and backward as the
+    custom op (which torch.compile and the other tracers get: _utils.direct_kernel_calls)."""
+
+    @staticmethod
+    def forward(ctx, pred, imgs, ids_removed, patch_size, norm_pix_loss):
+        ctx.save_for_backward(pred, imgs, ids_removed)
+        ctx.patch_size, ctx.norm_pix_loss = patch_size, norm_pix_loss
+        return _cpp_losses(pred, imgs, ids_removed, patch_size, norm_pix_loss)
+
+    @staticmethod
+    def backward(ctx, grad_losses):
+        if ctx.needs_input_grad[1]:
+            raise NotImplementedError("masked_recon_loss_rows is not differentiable in imgs (use backend='torch')")
+        pred, imgs, ids_removed = ctx.saved_tensors
+        if torch.is_grad_enabled():  # create_graph: as the custom op's backward
+            grad = _recon_rows_backward_op(grad_losses, pred, imgs, ids_removed, ctx.patch_size, ctx.norm_pix_loss,
+                                           "cpp")
+        else:
+            grad = _cpp_grad_pred(grad_losses, pred, imgs, ids_removed, ctx.patch_size, ctx.norm_pix_loss)
+        return grad, None, None, None, None
 
 
 def masked_recon_loss_rows(pred, imgs, ids_removed, patch_size, norm_pix_loss=True, *, views=None,
@@ -273,6 +309,10 @@ def masked_recon_loss_rows(pred, imgs, ids_removed, patch_size, norm_pix_loss=Tr
     name = backends.select_backend("masked_recon_loss_rows", pred.device, backend or "", _implemented(pred.device))
     if name == "torch" or (name == "cpp" and not _cpp_runs(pred, imgs5)):  # float64: the torch code
         losses = _recon_rows_torch(pred, imgs5, ids_removed, patch_size, norm_pix_loss)
+    elif name == "cpp" and pred.device.type == "cpu" and direct_kernel_calls(pred, imgs5, ids_removed):
+        if check_indices:
+            check_index_values("ids_removed", ids_removed, _num_patches(imgs5, patch_size), unique=False)
+        losses = _EagerCppReconRows.apply(pred, imgs5, ids_removed, patch_size, norm_pix_loss)
     else:
         losses = _recon_rows_op(pred, imgs5, ids_removed, patch_size, norm_pix_loss, check_indices, name)
     return losses if views is not None else losses[0]

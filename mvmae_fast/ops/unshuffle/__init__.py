@@ -20,7 +20,8 @@ being a permutation), grad mask_token (the sum over removed rows, deterministic)
 import torch
 
 from ... import _ext, backends
-from ..._utils import CPP_DTYPE_CODES, check_index_values, check_int, check_same_device, check_tensor, device_guard, new_output
+from ..._utils import (CPP_DTYPE_CODES, check_index_values, check_int, check_same_device, check_tensor, device_guard,
+                       direct_kernel_calls, new_output)
 from . import reference
 
 _DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
@@ -219,6 +220,34 @@ _decoder_unshuffle_op.register_autograd(_backward, setup_context=_setup)
 _decoder_unshuffle_backward_op.register_autograd(_backward_backward, setup_context=_backward_setup)
 
 
+class _EagerCppUnshuffle(torch.autograd.Function):
+    """The cpp kernels called from eager mode on the CPU without the custom ops' Python dispatch
+    (~70 us a call, twice that with the backward); the same checks, kernels and backward as the custom
+    op (which torch.compile and the other tracers get: _utils.direct_kernel_calls). A backward that is
+    itself differentiated (create_graph) runs the custom backward op, which has a double backward."""
+
+    @staticmethod
+    def forward(ctx, x, ids_restore, mask_token, pos, num_patches):
+        ctx.save_for_backward(ids_restore)
+        ctx.num_visible, ctx.x_dtype, ctx.token_dtype, ctx.pos_dtype = x.shape[1] - 1, x.dtype, mask_token.dtype, pos.dtype
+        return _cpp_forward(x, ids_restore, mask_token, pos, num_patches)
+
+    @staticmethod
+    def backward(ctx, grad):
+        (ids_restore,) = ctx.saved_tensors
+        grad_x = grad_token = grad_pos = None
+        if ctx.needs_input_grad[0] or ctx.needs_input_grad[2]:
+            if torch.is_grad_enabled():
+                grad_x, grad_token = _decoder_unshuffle_backward_op(grad, ids_restore, ctx.num_visible, ctx.x_dtype,
+                                                                    ctx.token_dtype, "cpp")
+            else:
+                grad_x, grad_token = _cpp_backward(grad, ids_restore, ctx.num_visible, ctx.x_dtype, ctx.token_dtype)
+        if ctx.needs_input_grad[3]:
+            acc = torch.float64 if grad.dtype == torch.float64 else torch.float32
+            grad_pos = grad.sum(dim=0, keepdim=True, dtype=acc).to(ctx.pos_dtype)
+        return grad_x, None, grad_token, grad_pos, None
+
+
 def decoder_unshuffle(x, ids_restore, mask_token, decoder_pos_embed, *, check_indices=True, backend=None):
     """MAE's full decoder input (B, 1 + L, D) from x (B, 1 + K, D), ids_restore (B, L),
     mask_token (1, 1, D) and decoder_pos_embed (1, 1 + L, D); see the module docstring.
@@ -227,6 +256,14 @@ def decoder_unshuffle(x, ids_restore, mask_token, decoder_pos_embed, *, check_in
     that ids_restore is a permutation (a device sync on CUDA); pass it only for indices you made
     yourself, e.g. from :func:`random_masking`.
     """
+    tensors = (x, ids_restore, mask_token, decoder_pos_embed)
+    if (all(isinstance(t, torch.Tensor) for t in tensors) and x.device.type == "cpu" and direct_kernel_calls(*tensors)
+            and backends.select_backend("decoder_unshuffle", x.device, backend or "", _implemented(x.device)) == "cpp"
+            and _cpp_runs(x.dtype, mask_token.dtype, decoder_pos_embed.dtype)):
+        L = _check_forward(x, ids_restore, mask_token, decoder_pos_embed)
+        if check_indices:
+            _check_permutation(ids_restore)
+        return _EagerCppUnshuffle.apply(x, ids_restore, mask_token, decoder_pos_embed, L)
     return _decoder_unshuffle_op(x, ids_restore, mask_token, decoder_pos_embed, check_indices, backend or "")
 
 
