@@ -8,8 +8,8 @@ in chunks whose hidden activations stay in its L2 cache, so the (..., Hd) hidden
 memory once at most (unfused it does five or six times per step): in eager mode fc1's output is
 written once for the backward, which reads it back per chunk; through the custom ops (torch.compile)
 nothing of the hidden layer is kept and the backward recomputes fc1 (the same bits, a fifth more
-GEMM work, M x Hd floats less memory). The weight gradients accumulate per thread. It is reached through the custom ops ``mvmae_fast::mlp`` (x2d, w1, b1, w2, b2)
--> out and ``mvmae_fast::mlp_backward`` (grad_out, x2d, w1, b1, w2) -> (dx, dw1, db1, dw2, db2), so
+GEMM work, M x Hd floats less memory). The weight gradients accumulate per thread. It is reached
+through the custom ops ``mvmae_fast::mlp`` (x2d, w1, b1, w2, b2) -> out and ``mvmae_fast::mlp_backward`` (grad_out, x2d, w1, b1, w2) -> (dx, dw1, db1, dw2, db2), so
 ``torch.compile`` traces through them. :func:`prenorm_mlp` and :func:`prenorm_linear` are the
 pre-norm block's pieces built on the same kernel.
 

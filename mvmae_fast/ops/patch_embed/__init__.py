@@ -267,7 +267,8 @@ class _EagerVisiblePatches(torch.autograd.Function):
     def backward(ctx, grad):
         (ids_keep,) = ctx.saved_tensors
         if torch.is_grad_enabled():
-            return _scatter_visible_patches_op(grad, ids_keep, ctx.patch_size, *ctx.image_size, False, "torch"), None, None
+            grad_imgs = _scatter_visible_patches_op(grad, ids_keep, ctx.patch_size, *ctx.image_size, False, "torch")
+            return grad_imgs, None, None
         return reference.scatter_visible_patches(grad, ids_keep, ctx.patch_size, *ctx.image_size), None, None
 
 

@@ -146,9 +146,9 @@ _scatter_rows_op.register_autograd(_scatter_backward, setup_context=_scatter_set
 # ~200 us with its backward); torch.compile and the other tracers get the custom ops
 # (_utils.direct_kernel_calls). A backward that is itself differentiated (create_graph) runs the
 # custom op, so double backward works as through the custom ops.
-def _eager_cpp(device, backend, *tensors):
+def _eager_cpp(op, device, backend, *tensors):
     return (device.type == "cpu" and direct_kernel_calls(*tensors)
-            and backends.select_backend("gather_rows", device, backend) == "cpp")
+            and backends.select_backend(op, device, backend) == "cpp")
 
 
 def _gather_cpp(x, ids, num_rows):
@@ -200,7 +200,8 @@ def gather_rows(x, ids, *, check_indices=True, backend=None):
     ``check_indices=False`` skips the range and uniqueness check of ``ids`` (a device sync on
     CUDA); pass it only for indices you made yourself, e.g. from :func:`random_masking`.
     """
-    if isinstance(x, torch.Tensor) and isinstance(ids, torch.Tensor) and _eager_cpp(x.device, backend or "", x, ids):
+    if (isinstance(x, torch.Tensor) and isinstance(ids, torch.Tensor)
+            and _eager_cpp("gather_rows", x.device, backend or "", x, ids)):
         _check_gather(x, ids)
         if check_indices:
             check_index_values("ids", ids, x.shape[1])
@@ -211,7 +212,8 @@ def gather_rows(x, ids, *, check_indices=True, backend=None):
 def scatter_rows(y, ids, num_rows, *, check_indices=True, backend=None):
     """Row ``ids[b, k]`` of a (B, num_rows, D) zero tensor set to ``y[b, k]``. Differentiable in ``y``."""
     check_int("num_rows", num_rows, minimum=1)
-    if isinstance(y, torch.Tensor) and isinstance(ids, torch.Tensor) and _eager_cpp(y.device, backend or "", y, ids):
+    if (isinstance(y, torch.Tensor) and isinstance(ids, torch.Tensor)
+            and _eager_cpp("scatter_rows", y.device, backend or "", y, ids)):
         _check_scatter(y, ids, num_rows)
         if check_indices:
             check_index_values("ids", ids, num_rows)

@@ -229,7 +229,8 @@ class _EagerCppUnshuffle(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, ids_restore, mask_token, pos, num_patches):
         ctx.save_for_backward(ids_restore)
-        ctx.num_visible, ctx.x_dtype, ctx.token_dtype, ctx.pos_dtype = x.shape[1] - 1, x.dtype, mask_token.dtype, pos.dtype
+        ctx.num_visible, ctx.x_dtype = x.shape[1] - 1, x.dtype
+        ctx.token_dtype, ctx.pos_dtype = mask_token.dtype, pos.dtype
         return _cpp_forward(x, ids_restore, mask_token, pos, num_patches)
 
     @staticmethod
