@@ -35,6 +35,18 @@ void raise_status(int status, const char* op) {
   if (status == kDuplicateIndex) throw py::value_error(std::string(op) + ": duplicate index");
 }
 
+// Runs a kernel call that returns a status (kOk or an error code) without the GIL, then raises the
+// error it reported, naming the op.
+template <class Fn>
+void run_checked(const char* op, const Fn& call) {
+  int status;
+  {
+    py::gil_scoped_release release;
+    status = call();
+  }
+  raise_status(status, op);
+}
+
 #ifdef MVMAE_FAST_WITH_CUDA
 void raise_cuda(const std::string& error, const char* op) {
   if (!error.empty()) throw std::runtime_error(std::string(op) + ": CUDA error: " + error);
@@ -67,13 +79,10 @@ PYBIND11_MODULE(_C, m) {
       [](uintptr_t x, uintptr_t ids, int index_bytes, uintptr_t out, int64_t batch,
          int64_t num_rows, int64_t num_ids, int64_t row_bytes, int threads) {
         check_index_bytes(index_bytes);
-        int status;
-        {
-          py::gil_scoped_release release;
-          status = gather_rows_cpu(ptr<const void>(x), ptr<const void>(ids), index_bytes,
-                                   ptr<void>(out), batch, num_rows, num_ids, row_bytes, threads);
-        }
-        raise_status(status, "gather_rows");
+        run_checked("gather_rows", [&] {
+          return gather_rows_cpu(ptr<const void>(x), ptr<const void>(ids), index_bytes,
+                                 ptr<void>(out), batch, num_rows, num_ids, row_bytes, threads);
+        });
       },
       py::arg("x"), py::arg("ids"), py::arg("index_bytes"), py::arg("out"), py::arg("batch"),
       py::arg("num_rows"), py::arg("num_ids"), py::arg("row_bytes"), py::arg("threads"));
@@ -83,13 +92,10 @@ PYBIND11_MODULE(_C, m) {
       [](uintptr_t y, uintptr_t ids, int index_bytes, uintptr_t out, int64_t batch,
          int64_t num_rows, int64_t num_ids, int64_t row_bytes, int threads) {
         check_index_bytes(index_bytes);
-        int status;
-        {
-          py::gil_scoped_release release;
-          status = scatter_rows_cpu(ptr<const void>(y), ptr<const void>(ids), index_bytes,
-                                    ptr<void>(out), batch, num_rows, num_ids, row_bytes, threads);
-        }
-        raise_status(status, "scatter_rows");
+        run_checked("scatter_rows", [&] {
+          return scatter_rows_cpu(ptr<const void>(y), ptr<const void>(ids), index_bytes,
+                                  ptr<void>(out), batch, num_rows, num_ids, row_bytes, threads);
+        });
       },
       py::arg("y"), py::arg("ids"), py::arg("index_bytes"), py::arg("out"), py::arg("batch"),
       py::arg("num_rows"), py::arg("num_ids"), py::arg("row_bytes"), py::arg("threads"));
@@ -250,14 +256,11 @@ PYBIND11_MODULE(_C, m) {
          int64_t batch, int64_t num_visible, int64_t num_patches, int64_t dim, int threads) {
         check_cpu_dtype(x_dtype);
         check_index_bytes(index_bytes);
-        int status;
-        {
-          py::gil_scoped_release release;
-          status = decoder_unshuffle_forward_cpu(ptr<const void>(x), x_dtype, ptr<const void>(ids), index_bytes,
-                                                 ptr<const float>(token), ptr<const float>(pos), ptr<float>(out),
-                                                 batch, num_visible, num_patches, dim, threads);
-        }
-        raise_status(status, "decoder_unshuffle");
+        run_checked("decoder_unshuffle", [&] {
+          return decoder_unshuffle_forward_cpu(ptr<const void>(x), x_dtype, ptr<const void>(ids), index_bytes,
+                                               ptr<const float>(token), ptr<const float>(pos), ptr<float>(out),
+                                               batch, num_visible, num_patches, dim, threads);
+        });
       },
       py::arg("x"), py::arg("x_dtype"), py::arg("ids"), py::arg("index_bytes"), py::arg("token"), py::arg("pos"),
       py::arg("out"), py::arg("batch"), py::arg("num_visible"), py::arg("num_patches"), py::arg("dim"),
@@ -268,14 +271,11 @@ PYBIND11_MODULE(_C, m) {
          int64_t batch, int64_t num_visible, int64_t num_patches, int64_t dim, int threads) {
         check_cpu_dtype(x_dtype);
         check_index_bytes(index_bytes);
-        int status;
-        {
-          py::gil_scoped_release release;
-          status = decoder_unshuffle_backward_cpu(ptr<const float>(grad), ptr<const void>(ids), index_bytes,
-                                                  ptr<void>(grad_x), x_dtype, ptr<float>(grad_token), batch,
-                                                  num_visible, num_patches, dim, threads);
-        }
-        raise_status(status, "decoder_unshuffle_backward");
+        run_checked("decoder_unshuffle_backward", [&] {
+          return decoder_unshuffle_backward_cpu(ptr<const float>(grad), ptr<const void>(ids), index_bytes,
+                                                ptr<void>(grad_x), x_dtype, ptr<float>(grad_token), batch,
+                                                num_visible, num_patches, dim, threads);
+        });
       },
       py::arg("grad"), py::arg("ids"), py::arg("index_bytes"), py::arg("grad_x"), py::arg("x_dtype"),
       py::arg("grad_token"), py::arg("batch"), py::arg("num_visible"), py::arg("num_patches"), py::arg("dim"),
@@ -287,14 +287,11 @@ PYBIND11_MODULE(_C, m) {
          int64_t patch, int64_t rows, bool norm, int threads) {
         check_cpu_dtype(pred_dtype);
         check_index_bytes(index_bytes);
-        int status;
-        {
-          py::gil_scoped_release release;
-          status = recon_rows_forward_cpu(ptr<const void>(pred), pred_dtype, ptr<const float>(imgs), strides.data(),
-                                          ptr<const void>(ids), index_bytes, ptr<double>(sums), views, batch,
-                                          channels, width, patch, rows, norm, threads);
-        }
-        raise_status(status, "masked_recon_loss_rows");
+        run_checked("masked_recon_loss_rows", [&] {
+          return recon_rows_forward_cpu(ptr<const void>(pred), pred_dtype, ptr<const float>(imgs), strides.data(),
+                                        ptr<const void>(ids), index_bytes, ptr<double>(sums), views, batch,
+                                        channels, width, patch, rows, norm, threads);
+        });
       },
       py::arg("pred"), py::arg("pred_dtype"), py::arg("imgs"), py::arg("strides"), py::arg("ids"),
       py::arg("index_bytes"), py::arg("sums"), py::arg("views"), py::arg("batch"), py::arg("channels"),
@@ -306,15 +303,12 @@ PYBIND11_MODULE(_C, m) {
          int64_t width, int64_t patch, int64_t rows, bool norm, int threads) {
         check_cpu_dtype(pred_dtype);
         check_index_bytes(index_bytes);
-        int status;
-        {
-          py::gil_scoped_release release;
-          status = recon_rows_backward_cpu(ptr<const float>(scale), ptr<const void>(pred), pred_dtype,
-                                           ptr<const float>(imgs), strides.data(), ptr<const void>(ids), index_bytes,
-                                           ptr<void>(grad), views, batch, channels, width, patch, rows, norm,
-                                           threads);
-        }
-        raise_status(status, "masked_recon_loss_rows_backward");
+        run_checked("masked_recon_loss_rows_backward", [&] {
+          return recon_rows_backward_cpu(ptr<const float>(scale), ptr<const void>(pred), pred_dtype,
+                                         ptr<const float>(imgs), strides.data(), ptr<const void>(ids), index_bytes,
+                                         ptr<void>(grad), views, batch, channels, width, patch, rows, norm,
+                                         threads);
+        });
       },
       py::arg("scale"), py::arg("pred"), py::arg("pred_dtype"), py::arg("imgs"), py::arg("strides"), py::arg("ids"),
       py::arg("index_bytes"), py::arg("grad"), py::arg("views"), py::arg("batch"), py::arg("channels"),

@@ -106,20 +106,41 @@ void gelu_backward_rows(const uint16_t* __restrict dact, const uint16_t* __restr
 
 #if defined(__GNUC__) && defined(__x86_64__) && defined(__linux__)
 #define MVF_AUTOCAST_AVX512 1
+#define MVF_AVX512_TARGET __attribute__((target("avx512f,avx512bw,avx512vl,avx512dq,fma,f16c")))
+
+// The first n (<= 16) lanes.
+MVF_AVX512_TARGET inline __attribute__((always_inline)) __mmask16 first_lanes(int64_t n) {
+  return static_cast<__mmask16>(n >= 16 ? 0xffffu : (1u << n) - 1u);
+}
+
+// 16 bfloat16 values (the masked lanes; the rest 0) as floats: a shift.
+MVF_AVX512_TARGET inline __attribute__((always_inline)) __m512 load_bf16x16(__mmask16 lanes, const uint16_t* p) {
+  return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_maskz_loadu_epi16(lanes, p)), 16));
+}
+
+// 16 floats stored as bfloat16 in the masked lanes: round to nearest even, NaN quieted, as
+// float_to_bf16 (vcvtneps2bf16 would flush subnormals).
+MVF_AVX512_TARGET inline __attribute__((always_inline)) void store_bf16x16(__mmask16 lanes, uint16_t* p, __m512 v) {
+  const __m512i bits = _mm512_castps_si512(v);
+  const __m512i lsb = _mm512_and_si512(_mm512_srli_epi32(bits, 16), _mm512_set1_epi32(1));
+  __m512i rounded = _mm512_srli_epi32(_mm512_add_epi32(bits, _mm512_add_epi32(lsb, _mm512_set1_epi32(0x7fff))), 16);
+  const __mmask16 nan = _mm512_cmp_ps_mask(v, v, _CMP_UNORD_Q);
+  rounded = _mm512_mask_or_epi32(rounded, nan, _mm512_srli_epi32(bits, 16), _mm512_set1_epi32(0x40));
+  _mm256_mask_storeu_epi16(p, lanes, _mm512_cvtepi32_epi16(rounded));
+}
+
 // The forward's arithmetic with AVX-512 intrinsics, 16 values per step: the compiler's vectorisation of
 // the generic loop spends most of its instructions on the bfloat16 / float16 conversions and the
 // division, which here are a shift, vpmovdw, vcvtps2ph and rcp14 with one Newton step.
-__attribute__((target("avx512f,avx512bw,avx512vl,avx512dq,fma,f16c")))
+MVF_AVX512_TARGET
 void gelu_forward_avx512(const uint16_t* __restrict pre, uint16_t* __restrict act, uint16_t* __restrict deriv,
                          int64_t begin, int64_t end) {
   const __m512 one = _mm512_set1_ps(1.0f), half = _mm512_set1_ps(0.5f);
   const __m512i abs_mask = _mm512_set1_epi32(0x7fffffff);
   int64_t i = begin;
   for (; i < end; i += 16) {
-    const int64_t n = std::min<int64_t>(16, end - i);
-    const __mmask16 lanes = static_cast<__mmask16>((1u << n) - 1u);
-    const __m256i raw = _mm256_maskz_loadu_epi16(lanes, pre + i);
-    const __m512 x = _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(raw), 16));
+    const __mmask16 lanes = first_lanes(end - i);
+    const __m512 x = load_bf16x16(lanes, pre + i);
     const __m512 z = _mm512_mul_ps(x, _mm512_set1_ps(0.70710678118654752f));
     const __m512 az = _mm512_castsi512_ps(_mm512_and_si512(_mm512_castps_si512(z), abs_mask));
     const __m512 den = _mm512_fmadd_ps(_mm512_set1_ps(0.3275911f), az, one);
@@ -155,13 +176,7 @@ void gelu_forward_avx512(const uint16_t* __restrict pre, uint16_t* __restrict ac
     const __mmask16 right = _mm512_cmp_ps_mask(z, _mm512_setzero_ps(), _CMP_GT_OQ);
     value = _mm512_mask_blend_ps(tail, value, _mm512_maskz_mov_ps(right, x));
     grad = _mm512_mask_blend_ps(tail, grad, _mm512_maskz_mov_ps(right, one));
-    // bfloat16, round to nearest even (NaN quieted), as float_to_bf16.
-    const __m512i bits = _mm512_castps_si512(value);
-    const __m512i lsb = _mm512_and_si512(_mm512_srli_epi32(bits, 16), _mm512_set1_epi32(1));
-    __m512i rounded = _mm512_srli_epi32(_mm512_add_epi32(bits, _mm512_add_epi32(lsb, _mm512_set1_epi32(0x7fff))), 16);
-    const __mmask16 nan = _mm512_cmp_ps_mask(value, value, _CMP_UNORD_Q);
-    rounded = _mm512_mask_or_epi32(rounded, nan, _mm512_srli_epi32(bits, 16), _mm512_set1_epi32(0x40));
-    _mm256_mask_storeu_epi16(act + i, lanes, _mm512_cvtepi32_epi16(rounded));
+    store_bf16x16(lanes, act + i, value);
     _mm256_mask_storeu_epi16(deriv + i, lanes,
                              _mm512_cvtps_ph(_mm512_mul_ps(grad, _mm512_set1_ps(kGeluScale)),
                                              _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC));
@@ -171,7 +186,7 @@ void gelu_forward_avx512(const uint16_t* __restrict pre, uint16_t* __restrict ac
 // GELU's backward with AVX-512 intrinsics: the generic loop's arithmetic in the same order (block
 // sums of kBlock rows per column, then added into sum), with float16 -> float32 as one vcvtph2ps
 // instead of the portable bit manipulation, and masked loads and stores for the ragged last columns.
-__attribute__((target("avx512f,avx512bw,avx512vl,avx512dq,fma,f16c")))
+MVF_AVX512_TARGET
 void gelu_backward_avx512(const uint16_t* __restrict dact, const uint16_t* __restrict deriv, uint16_t* __restrict dpre,
                           float* __restrict sum, int64_t begin, int64_t end, int64_t cols) {
   std::vector<float> block(static_cast<size_t>(cols));
@@ -183,19 +198,11 @@ void gelu_backward_avx512(const uint16_t* __restrict dact, const uint16_t* __res
       const uint16_t* dg = deriv + r * cols;
       uint16_t* o = dpre + r * cols;
       for (int64_t j = 0; j < cols; j += 16) {
-        const int64_t n = std::min<int64_t>(16, cols - j);
-        const __mmask16 lanes = static_cast<__mmask16>((1u << n) - 1u);
-        const __m512 a = _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_maskz_loadu_epi16(lanes, da + j)), 16));
+        const __mmask16 lanes = first_lanes(cols - j);
         const __m512 g = _mm512_cvtph_ps(_mm256_maskz_loadu_epi16(lanes, dg + j));
-        const __m512 v = _mm512_mul_ps(a, _mm512_mul_ps(g, inv_scale));
+        const __m512 v = _mm512_mul_ps(load_bf16x16(lanes, da + j), _mm512_mul_ps(g, inv_scale));
         _mm512_mask_storeu_ps(block.data() + j, lanes, _mm512_add_ps(_mm512_maskz_loadu_ps(lanes, block.data() + j), v));
-        // bfloat16, round to nearest even (NaN quieted), as float_to_bf16.
-        const __m512i bits = _mm512_castps_si512(v);
-        const __m512i lsb = _mm512_and_si512(_mm512_srli_epi32(bits, 16), _mm512_set1_epi32(1));
-        __m512i rounded = _mm512_srli_epi32(_mm512_add_epi32(bits, _mm512_add_epi32(lsb, _mm512_set1_epi32(0x7fff))), 16);
-        const __mmask16 nan = _mm512_cmp_ps_mask(v, v, _CMP_UNORD_Q);
-        rounded = _mm512_mask_or_epi32(rounded, nan, _mm512_srli_epi32(bits, 16), _mm512_set1_epi32(0x40));
-        _mm256_mask_storeu_epi16(o + j, lanes, _mm512_cvtepi32_epi16(rounded));
+        store_bf16x16(lanes, o + j, v);
       }
     }
     for (int64_t j = 0; j < cols; ++j) sum[j] += block[j];
@@ -294,12 +301,11 @@ const uint32_t* gelu_table() {
 }
 
 #ifdef MVF_AUTOCAST_AVX512
-__attribute__((target("avx512f,avx512bw,avx512vl")))
+MVF_AVX512_TARGET
 void gelu_lookup_avx512(const uint32_t* __restrict table, const uint16_t* __restrict pre, uint16_t* __restrict act,
                         uint16_t* __restrict deriv, int64_t begin, int64_t end) {
   for (int64_t i = begin; i < end; i += 16) {
-    const int64_t n = std::min<int64_t>(16, end - i);
-    const __mmask16 lanes = static_cast<__mmask16>((1u << n) - 1u);
+    const __mmask16 lanes = first_lanes(end - i);
     const __m512i index = _mm512_cvtepu16_epi32(_mm256_maskz_loadu_epi16(lanes, pre + i));
     const __m512i entry = _mm512_mask_i32gather_epi32(_mm512_setzero_si512(), lanes, index, table, 4);
     _mm256_mask_storeu_epi16(act + i, lanes, _mm512_cvtepi32_epi16(entry));

@@ -10,8 +10,9 @@
 //   forward   H = x_c W1^T + b1, H = gelu(H), out_c = H W2^T + b2
 //   backward  G = dY_c W2; H = x_c W1^T + b1, either as the forward wrote it (hidden_out / hidden_in:
 //             M x Hd floats kept per layer; copying a chunk back costs a fraction of the GEMM) or
-//             recomputed (nothing kept); A = gelu(H), G *= gelu'(H) (one exp serves both); dW2 += dY_c^T A, db2 += colsum dY_c, dW1 += G^T x_c,
-//             db1 += colsum G (per-thread accumulators, summed at the end); dx_c = G W1
+//             recomputed (nothing kept); A = gelu(H), G *= gelu'(H) (one exp serves both);
+//             dW2 += dY_c^T A, db2 += colsum dY_c, dW1 += G^T x_c, db1 += colsum G (per-thread
+//             accumulators, summed at the end); dx_c = G W1
 // The products are register-blocked micro-GEMMs (MR rows x 16*NV columns of accumulators) on weights
 // packed once per call into column panels. The AVX-512 build uses 12 x 32 tiles (24 zmm accumulators),
 // AVX2 and older 4 x 16 ones; the variant is picked once at load time from the CPU's features.
