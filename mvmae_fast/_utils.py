@@ -35,6 +35,13 @@ def direct_kernel_calls(*tensors):
     return all(type(t) is torch.Tensor or type(t) is torch.nn.Parameter for t in tensors)
 
 
+def direct_backward(ctx):
+    """Whether an op's registered backward may call its partner kernel directly: the node was made by
+    the op's eager autograd Function (which sets ``ctx.direct``) and this backward is not itself being
+    differentiated (create_graph), which needs the partner custom op and its own backward."""
+    return getattr(ctx, "direct", False) and not torch.is_grad_enabled()
+
+
 def check_int(name, value, minimum=None, maximum=None):
     if isinstance(value, bool) or not isinstance(value, (int, torch.SymInt)):
         raise TypeError(f"{name} must be an int, got {type(value).__name__} {value!r}")

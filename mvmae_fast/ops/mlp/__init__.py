@@ -9,7 +9,8 @@ memory once at most (unfused it does five or six times per step): in eager mode 
 written once for the backward, which reads it back per chunk; through the custom ops (torch.compile)
 nothing of the hidden layer is kept and the backward recomputes fc1 (the same bits, a fifth more
 GEMM work, M x Hd floats less memory). The weight gradients accumulate per thread. It is reached
-through the custom ops ``mvmae_fast::mlp`` (x2d, w1, b1, w2, b2) -> out and ``mvmae_fast::mlp_backward`` (grad_out, x2d, w1, b1, w2) -> (dx, dw1, db1, dw2, db2), so
+through the custom ops ``mvmae_fast::mlp`` (x2d, w1, b1, w2, b2) -> out and
+``mvmae_fast::mlp_backward`` (grad_out, x2d, w1, b1, w2) -> (dx, dw1, db1, dw2, db2), so
 ``torch.compile`` traces through them. :func:`prenorm_mlp` and :func:`prenorm_linear` are the
 pre-norm block's pieces built on the same kernel.
 
@@ -597,7 +598,7 @@ class _EagerAttentionHalf(torch.autograd.Function):
         qkv, mean, rstd = _linear_forward(x2d, norm_weight, norm_bias, eps, w_qkv, b_qkv)
         qkv = qkv.view(B, N, 3 * D)
         attended, lse = _attention_forward(qkv, num_heads, new_output((B, N, D), x.dtype, x.device),
-                                                   new_output((B, num_heads, N), torch.float32, x.device))
+                                           new_output((B, num_heads, N), torch.float32, x.device))
         out = torch.addmm(b_proj, attended.view(B * N, D), w_proj.t())
         out += x2d
         ctx.save_for_backward(x2d, mean, rstd, norm_weight, norm_bias, w_qkv, qkv, attended, lse, w_proj)
@@ -614,7 +615,7 @@ class _EagerAttentionHalf(torch.autograd.Function):
         dw_proj = torch.mm(grad.t(), attended.view(B * N, D))
         db_proj = grad.sum(0)
         dqkv = _attention_backward(d_attended.view(B, N, D), qkv, attended, lse, ctx.num_heads,
-                                           new_output(qkv.shape, qkv.dtype, qkv.device))
+                                   new_output(qkv.shape, qkv.dtype, qkv.device))
         dx, dnw, dnb, dw_qkv, db_qkv = _linear_backward_kernel(dqkv.view(B * N, 3 * D), x2d, mean, rstd, norm_weight,
                                                                norm_bias, w_qkv)
         dx += grad

@@ -24,7 +24,7 @@ import torch.nn.functional as F
 
 from ... import backends
 from ..._utils import (check_index_values, check_int, check_same_device, check_tensor, device_guard,
-                       direct_kernel_calls, new_output)
+                       direct_backward, direct_kernel_calls, new_output)
 from . import reference
 
 _DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
@@ -202,7 +202,10 @@ def _patches_setup(ctx, inputs, output):
 
 def _patches_backward(ctx, grad):
     (ids_keep,) = ctx.saved_tensors
-    grad_imgs = _scatter_visible_patches_op(grad, ids_keep, ctx.patch_size, *ctx.image_size, False, ctx.backend)
+    if direct_backward(ctx):  # a node of _EagerVisiblePatches: the torch code
+        grad_imgs = reference.scatter_visible_patches(grad, ids_keep, ctx.patch_size, *ctx.image_size)
+    else:
+        grad_imgs = _scatter_visible_patches_op(grad, ids_keep, ctx.patch_size, *ctx.image_size, False, ctx.backend)
     return grad_imgs, None, None, None, None
 
 
@@ -226,6 +229,8 @@ def _table_setup(ctx, inputs, output):
 
 def _table_backward(ctx, grad):
     (ids,) = ctx.saved_tensors
+    if direct_backward(ctx):  # a node of _EagerTableRows: the torch code
+        return reference.scatter_add_table_rows(grad, ids, ctx.num_rows), None, None, None
     return _scatter_add_table_rows_op(grad, ids, ctx.num_rows, False, ctx.backend), None, None, None
 
 
@@ -248,9 +253,9 @@ _scatter_add_table_rows_op.register_autograd(_table_grad_backward, setup_context
 
 # -- eager CPU: the torch code without the custom ops' Python dispatch ----------------------------
 # On the CPU these ops run their torch code; eager calls run it from autograd Functions with the
-# same backward (the partner op's torch code) instead of through the custom ops' dispatch (~70 us a
-# call, twice that with the backward). torch.compile and the other tracers get the custom ops
-# (_utils.direct_kernel_calls); a differentiated backward (create_graph) runs the partner custom op.
+# custom ops' context and backward (which runs the partner's torch code directly for these nodes,
+# _utils.direct_backward) instead of through the custom ops' dispatch (~70 us a call, twice that with
+# the backward). torch.compile and the other tracers get the custom ops (_utils.direct_kernel_calls).
 def _eager_torch(op, device, backend, *tensors):
     return (device.type == "cpu" and direct_kernel_calls(*tensors)
             and backends.select_backend(op, device, backend, _IMPLEMENTED) == "torch")
@@ -259,32 +264,27 @@ def _eager_torch(op, device, backend, *tensors):
 class _EagerVisiblePatches(torch.autograd.Function):
     @staticmethod
     def forward(ctx, imgs, ids_keep, patch_size):
-        ctx.save_for_backward(ids_keep)
-        ctx.patch_size, ctx.image_size = patch_size, tuple(imgs.shape[2:])
-        return reference.gather_visible_patches(imgs, ids_keep, patch_size)
+        out = reference.gather_visible_patches(imgs, ids_keep, patch_size)
+        _patches_setup(ctx, (imgs, ids_keep, patch_size, False, "torch"), out)
+        ctx.direct = True
+        return out
 
     @staticmethod
     def backward(ctx, grad):
-        (ids_keep,) = ctx.saved_tensors
-        if torch.is_grad_enabled():
-            grad_imgs = _scatter_visible_patches_op(grad, ids_keep, ctx.patch_size, *ctx.image_size, False, "torch")
-            return grad_imgs, None, None
-        return reference.scatter_visible_patches(grad, ids_keep, ctx.patch_size, *ctx.image_size), None, None
+        return _patches_backward(ctx, grad)[:3]
 
 
 class _EagerTableRows(torch.autograd.Function):
     @staticmethod
     def forward(ctx, table, ids):
-        ctx.save_for_backward(ids)
-        ctx.num_rows = table.shape[0]
-        return reference.gather_table_rows(table, ids)
+        out = reference.gather_table_rows(table, ids)
+        _table_setup(ctx, (table, ids, False, "torch"), out)
+        ctx.direct = True
+        return out
 
     @staticmethod
     def backward(ctx, grad):
-        (ids,) = ctx.saved_tensors
-        if torch.is_grad_enabled():
-            return _scatter_add_table_rows_op(grad, ids, ctx.num_rows, False, "torch"), None
-        return reference.scatter_add_table_rows(grad, ids, ctx.num_rows), None
+        return _table_backward(ctx, grad)[:2]
 
 
 def _visible_patches(imgs, ids_keep, patch_size, check_indices, backend):

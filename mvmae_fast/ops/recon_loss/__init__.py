@@ -13,8 +13,8 @@ never materialising them; their backward pass writes the gradient of the predict
 import torch
 
 from ... import _ext, backends
-from ..._utils import (CPP_DTYPE_CODES, check_index_values, check_int, check_tensor, device_guard, direct_kernel_calls,
-                       new_output)
+from ..._utils import (CPP_DTYPE_CODES, check_index_values, check_int, check_tensor, device_guard,
+                       direct_backward, direct_kernel_calls, new_output)
 
 _IMPLEMENTED = ("torch", "cpp", "triton")
 _KERNELS = ("cpp", "triton")  # the backends the custom ops run
@@ -24,6 +24,8 @@ def _implemented(device, kernels_only=False):
     """The cpp kernels are CPU kernels: on other devices forcing cpp is refused with the reason."""
     names = _KERNELS if kernels_only else _IMPLEMENTED
     return names if torch.device(device).type == "cpu" else tuple(n for n in names if n != "cpp")
+
+
 _INDEX_DTYPES = (torch.int32, torch.int64)
 
 _DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
@@ -241,8 +243,11 @@ def _recon_rows_backward(ctx, grad_losses):
     if ctx.needs_input_grad[1]:
         raise NotImplementedError("masked_recon_loss_rows is not differentiable in imgs (use backend='torch')")
     pred, imgs, ids_removed = ctx.saved_tensors
-    grad = _recon_rows_backward_op(grad_losses, pred, imgs, ids_removed, ctx.patch_size, ctx.norm_pix_loss,
-                                   ctx.backend)
+    if direct_backward(ctx):  # a node of _EagerCppReconRows
+        grad = _cpp_grad_pred(grad_losses, pred, imgs, ids_removed, ctx.patch_size, ctx.norm_pix_loss)
+    else:
+        grad = _recon_rows_backward_op(grad_losses, pred, imgs, ids_removed, ctx.patch_size, ctx.norm_pix_loss,
+                                       ctx.backend)
     return grad, None, None, None, None, None, None
 
 
@@ -251,26 +256,20 @@ _recon_rows_op.register_autograd(_recon_rows_backward, setup_context=_recon_rows
 
 class _EagerCppReconRows(torch.autograd.Function):
     """The cpp kernels called from eager mode on the CPU without the custom ops' Python dispatch
-    (~70 us a call, twice that with the backward); the same checks, kernels and backward as the
-    custom op (which torch.compile and the other tracers get: _utils.direct_kernel_calls)."""
+    (~70 us a call, twice that with the backward): the custom op's kernels, context and backward
+    (which calls the kernel directly for this node, _utils.direct_backward); torch.compile and the
+    other tracers get the custom op (_utils.direct_kernel_calls)."""
 
     @staticmethod
     def forward(ctx, pred, imgs, ids_removed, patch_size, norm_pix_loss):
-        ctx.save_for_backward(pred, imgs, ids_removed)
-        ctx.patch_size, ctx.norm_pix_loss = patch_size, norm_pix_loss
-        return _cpp_losses(pred, imgs, ids_removed, patch_size, norm_pix_loss)
+        losses = _cpp_losses(pred, imgs, ids_removed, patch_size, norm_pix_loss)
+        _recon_rows_setup(ctx, (pred, imgs, ids_removed, patch_size, norm_pix_loss, False, "cpp"), losses)
+        ctx.direct = True
+        return losses
 
     @staticmethod
     def backward(ctx, grad_losses):
-        if ctx.needs_input_grad[1]:
-            raise NotImplementedError("masked_recon_loss_rows is not differentiable in imgs (use backend='torch')")
-        pred, imgs, ids_removed = ctx.saved_tensors
-        if torch.is_grad_enabled():  # create_graph: as the custom op's backward
-            grad = _recon_rows_backward_op(grad_losses, pred, imgs, ids_removed, ctx.patch_size, ctx.norm_pix_loss,
-                                           "cpp")
-        else:
-            grad = _cpp_grad_pred(grad_losses, pred, imgs, ids_removed, ctx.patch_size, ctx.norm_pix_loss)
-        return grad, None, None, None, None
+        return _recon_rows_backward(ctx, grad_losses)[:5]
 
 
 def masked_recon_loss_rows(pred, imgs, ids_removed, patch_size, norm_pix_loss=True, *, views=None,

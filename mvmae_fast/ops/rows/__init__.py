@@ -9,8 +9,8 @@ and every other row is zero. Each is the other's backward. Indices must be uniqu
 import torch
 
 from ... import _ext, backends
-from ..._utils import (check_index_values, check_int, check_tensor, cuda_stream, device_guard, direct_kernel_calls,
-                       new_output)
+from ..._utils import (check_index_values, check_int, check_tensor, cuda_stream, device_guard, direct_backward,
+                       direct_kernel_calls, new_output)
 from . import reference
 
 _DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
@@ -59,6 +59,20 @@ def _cpp_call(kernel, src, ids, out, num_rows):
         getattr(_ext._C, kernel + "_cpu")(*args, torch.get_num_threads())
 
 
+def _gather_cpp(x, ids, num_rows):
+    x, ids = x.contiguous(), ids.contiguous()
+    out = new_output((x.shape[0], ids.shape[1], x.shape[2]), x.dtype, x.device)
+    _cpp_call("gather_rows", x, ids, out, num_rows)
+    return out
+
+
+def _scatter_cpp(y, ids, num_rows):
+    y, ids = y.contiguous(), ids.contiguous()
+    out = new_output((y.shape[0], num_rows, y.shape[2]), y.dtype, y.device)
+    _cpp_call("scatter_rows", y, ids, out, num_rows)
+    return out
+
+
 @torch.library.custom_op("mvmae_fast::gather_rows", mutates_args=())
 def _gather_rows_op(x: torch.Tensor, ids: torch.Tensor, check_indices: bool, backend: str) -> torch.Tensor:
     _check_gather(x, ids)
@@ -68,15 +82,14 @@ def _gather_rows_op(x: torch.Tensor, ids: torch.Tensor, check_indices: bool, bac
     name = backends.select_backend("gather_rows", x.device, backend)
     if name == "torch":
         return reference.gather_rows(x, ids)
+    if name == "cpp":
+        return _gather_cpp(x, ids, L)
     x, ids = x.contiguous(), ids.contiguous()
     out = new_output((x.shape[0], ids.shape[1], x.shape[2]), x.dtype, x.device)
-    if name == "cpp":
-        _cpp_call("gather_rows", x, ids, out, L)
-    else:
-        from . import triton_impl
+    from . import triton_impl
 
-        with device_guard(x.device):
-            triton_impl.gather_rows(x, ids, out)
+    with device_guard(x.device):
+        triton_impl.gather_rows(x, ids, out)
     return out
 
 
@@ -95,15 +108,14 @@ def _scatter_rows_op(y: torch.Tensor, ids: torch.Tensor, num_rows: int, check_in
     name = backends.select_backend("scatter_rows", y.device, backend)
     if name == "torch":
         return reference.scatter_rows(y, ids, num_rows)
+    if name == "cpp":
+        return _scatter_cpp(y, ids, num_rows)
     y, ids = y.contiguous(), ids.contiguous()
     out = new_output((y.shape[0], num_rows, y.shape[2]), y.dtype, y.device)
-    if name == "cpp":
-        _cpp_call("scatter_rows", y, ids, out, num_rows)
-    else:
-        from . import triton_impl
+    from . import triton_impl
 
-        with device_guard(y.device):
-            triton_impl.scatter_rows(y, ids, out)
+    with device_guard(y.device):
+        triton_impl.scatter_rows(y, ids, out)
     return out
 
 
@@ -113,7 +125,9 @@ def _(y, ids, num_rows, check_indices, backend):
     return y.new_empty(y.shape[0], num_rows, y.shape[2])
 
 
-# Backward passes reuse the indices the forward pass already checked.
+# Backward passes reuse the indices the forward pass already checked. Each op's backward is its
+# partner; a node made by the eager Functions below calls the partner's kernel directly
+# (_utils.direct_backward), any other (or a differentiated backward) runs the partner custom op.
 def _gather_setup(ctx, inputs, output):
     x, ids, _, backend = inputs
     ctx.save_for_backward(ids)
@@ -123,6 +137,8 @@ def _gather_setup(ctx, inputs, output):
 
 def _gather_backward(ctx, grad):
     (ids,) = ctx.saved_tensors
+    if direct_backward(ctx):
+        return _scatter_cpp(grad, ids, ctx.num_rows), None, None, None
     return _scatter_rows_op(grad, ids, ctx.num_rows, False, ctx.backend), None, None, None
 
 
@@ -134,6 +150,8 @@ def _scatter_setup(ctx, inputs, output):
 
 def _scatter_backward(ctx, grad):
     (ids,) = ctx.saved_tensors
+    if direct_backward(ctx):
+        return _gather_cpp(grad, ids, grad.shape[1]), None, None, None, None
     return _gather_rows_op(grad, ids, False, ctx.backend), None, None, None, None
 
 
@@ -141,57 +159,39 @@ _gather_rows_op.register_autograd(_gather_backward, setup_context=_gather_setup)
 _scatter_rows_op.register_autograd(_scatter_backward, setup_context=_scatter_setup)
 
 
-# Eager CPU calls run the cpp kernels from these autograd Functions (the same checks, kernels and
-# backward as the custom ops) instead of through the custom ops' Python dispatch (~70 us a call,
-# ~200 us with its backward); torch.compile and the other tracers get the custom ops
-# (_utils.direct_kernel_calls). A backward that is itself differentiated (create_graph) runs the
-# custom op, so double backward works as through the custom ops.
+# Eager CPU calls run the cpp kernels from these autograd Functions (the custom ops' checks, kernels,
+# context and backward) instead of through the custom ops' Python dispatch (~70 us a call, ~200 us
+# with its backward); torch.compile and the other tracers get the custom ops
+# (_utils.direct_kernel_calls).
 def _eager_cpp(op, device, backend, *tensors):
     return (device.type == "cpu" and direct_kernel_calls(*tensors)
             and backends.select_backend(op, device, backend) == "cpp")
 
 
-def _gather_cpp(x, ids, num_rows):
-    x, ids = x.contiguous(), ids.contiguous()
-    out = new_output((x.shape[0], ids.shape[1], x.shape[2]), x.dtype, x.device)
-    _cpp_call("gather_rows", x, ids, out, num_rows)
-    return out
-
-
-def _scatter_cpp(y, ids, num_rows):
-    y, ids = y.contiguous(), ids.contiguous()
-    out = new_output((y.shape[0], num_rows, y.shape[2]), y.dtype, y.device)
-    _cpp_call("scatter_rows", y, ids, out, num_rows)
-    return out
-
-
 class _EagerGatherRows(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, ids):
-        ctx.save_for_backward(ids)
-        ctx.num_rows = x.shape[1]
-        return _gather_cpp(x, ids, x.shape[1])
+        out = _gather_cpp(x, ids, x.shape[1])
+        _gather_setup(ctx, (x, ids, False, "cpp"), out)
+        ctx.direct = True
+        return out
 
     @staticmethod
     def backward(ctx, grad):
-        (ids,) = ctx.saved_tensors
-        if torch.is_grad_enabled():  # create_graph: a differentiable backward
-            return _scatter_rows_op(grad, ids, ctx.num_rows, False, "cpp"), None
-        return _scatter_cpp(grad, ids, ctx.num_rows), None
+        return _gather_backward(ctx, grad)[:2]
 
 
 class _EagerScatterRows(torch.autograd.Function):
     @staticmethod
     def forward(ctx, y, ids, num_rows):
-        ctx.save_for_backward(ids)
-        return _scatter_cpp(y, ids, num_rows)
+        out = _scatter_cpp(y, ids, num_rows)
+        _scatter_setup(ctx, (y, ids, num_rows, False, "cpp"), out)
+        ctx.direct = True
+        return out
 
     @staticmethod
     def backward(ctx, grad):
-        (ids,) = ctx.saved_tensors
-        if torch.is_grad_enabled():  # create_graph: a differentiable backward
-            return _gather_rows_op(grad, ids, False, "cpp"), None, None
-        return _gather_cpp(grad, ids, grad.shape[1]), None, None
+        return _scatter_backward(ctx, grad)[:3]
 
 
 def gather_rows(x, ids, *, check_indices=True, backend=None):

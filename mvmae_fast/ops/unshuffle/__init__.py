@@ -21,7 +21,7 @@ import torch
 
 from ... import _ext, backends
 from ..._utils import (CPP_DTYPE_CODES, check_index_values, check_int, check_same_device, check_tensor, device_guard,
-                       direct_kernel_calls, new_output)
+                       direct_backward, direct_kernel_calls, new_output)
 from . import reference
 
 _DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
@@ -33,8 +33,6 @@ def _implemented(device):
     """The cpp kernels are CPU kernels (the extension has no CUDA unshuffle): on other devices the op
     has torch and triton only, so forcing cpp there is refused with the reason."""
     return _IMPLEMENTED if torch.device(device).type == "cpu" else ("torch", "triton")
-
-
 
 
 def _cpp_runs(*dtypes):
@@ -188,8 +186,11 @@ def _backward(ctx, grad):
     (ids_restore,) = ctx.saved_tensors
     grad_x = grad_token = grad_pos = None
     if ctx.needs_input_grad[0] or ctx.needs_input_grad[2]:
-        grad_x, grad_token = _decoder_unshuffle_backward_op(grad, ids_restore, ctx.num_visible, ctx.x_dtype,
-                                                            ctx.token_dtype, ctx.backend)
+        if direct_backward(ctx):  # a node of _EagerCppUnshuffle
+            grad_x, grad_token = _cpp_backward(grad, ids_restore, ctx.num_visible, ctx.x_dtype, ctx.token_dtype)
+        else:
+            grad_x, grad_token = _decoder_unshuffle_backward_op(grad, ids_restore, ctx.num_visible, ctx.x_dtype,
+                                                                ctx.token_dtype, ctx.backend)
     if ctx.needs_input_grad[3]:
         acc = torch.float64 if grad.dtype == torch.float64 else torch.float32
         grad_pos = grad.sum(dim=0, keepdim=True, dtype=acc).to(ctx.pos_dtype)
@@ -222,31 +223,20 @@ _decoder_unshuffle_backward_op.register_autograd(_backward_backward, setup_conte
 
 class _EagerCppUnshuffle(torch.autograd.Function):
     """The cpp kernels called from eager mode on the CPU without the custom ops' Python dispatch
-    (~70 us a call, twice that with the backward); the same checks, kernels and backward as the custom
-    op (which torch.compile and the other tracers get: _utils.direct_kernel_calls). A backward that is
-    itself differentiated (create_graph) runs the custom backward op, which has a double backward."""
+    (~70 us a call, twice that with the backward): the custom op's kernels, context and backward
+    (which calls the kernel directly for this node, _utils.direct_backward); torch.compile and the
+    other tracers get the custom op (_utils.direct_kernel_calls)."""
 
     @staticmethod
     def forward(ctx, x, ids_restore, mask_token, pos, num_patches):
-        ctx.save_for_backward(ids_restore)
-        ctx.num_visible, ctx.x_dtype = x.shape[1] - 1, x.dtype
-        ctx.token_dtype, ctx.pos_dtype = mask_token.dtype, pos.dtype
-        return _cpp_forward(x, ids_restore, mask_token, pos, num_patches)
+        out = _cpp_forward(x, ids_restore, mask_token, pos, num_patches)
+        _setup(ctx, (x, ids_restore, mask_token, pos, False, "cpp"), out)
+        ctx.direct = True
+        return out
 
     @staticmethod
     def backward(ctx, grad):
-        (ids_restore,) = ctx.saved_tensors
-        grad_x = grad_token = grad_pos = None
-        if ctx.needs_input_grad[0] or ctx.needs_input_grad[2]:
-            if torch.is_grad_enabled():
-                grad_x, grad_token = _decoder_unshuffle_backward_op(grad, ids_restore, ctx.num_visible, ctx.x_dtype,
-                                                                    ctx.token_dtype, "cpp")
-            else:
-                grad_x, grad_token = _cpp_backward(grad, ids_restore, ctx.num_visible, ctx.x_dtype, ctx.token_dtype)
-        if ctx.needs_input_grad[3]:
-            acc = torch.float64 if grad.dtype == torch.float64 else torch.float32
-            grad_pos = grad.sum(dim=0, keepdim=True, dtype=acc).to(ctx.pos_dtype)
-        return grad_x, None, grad_token, grad_pos, None
+        return _backward(ctx, grad)[:5]
 
 
 def decoder_unshuffle(x, ids_restore, mask_token, decoder_pos_embed, *, check_indices=True, backend=None):
