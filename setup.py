@@ -12,7 +12,7 @@ import shutil
 import subprocess
 from pathlib import Path
 
-from pybind11.setup_helpers import Pybind11Extension, build_ext, has_flag
+from pybind11.setup_helpers import ParallelCompile, Pybind11Extension, build_ext, has_flag
 from setuptools import setup
 
 ROOT = Path(__file__).resolve().parent
@@ -97,6 +97,9 @@ class BuildExt(build_ext):
             ext.library_dirs += _nvcc_lib_dirs(nvcc, build_dir)
             ext.libraries += ["cudart_static", "dl", "rt", "pthread"]
 
+
+# Compile the C++ sources in parallel (all cores; MVMAE_FAST_BUILD_JOBS=N to limit).
+ParallelCompile("MVMAE_FAST_BUILD_JOBS", default=0).install()
 
 ext = Pybind11Extension(
     "mvmae_fast._C",

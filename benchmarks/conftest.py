@@ -58,8 +58,9 @@ def timed(benchmark, device):
     def run(fn, bytes_moved=None):
         if device.type == "cuda":
             def call():
-                fn()
+                out = fn()
                 torch.cuda.synchronize()
+                return out
         else:
             call = fn
         result = benchmark(call)

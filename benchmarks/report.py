@@ -13,7 +13,7 @@ import os
 import re
 import sys
 
-COLUMNS = ["test", "case", "provider", "median", "images/s", "x reference", "GB/s", "peak GB", "MFU %"]
+COLUMNS = ["test", "case", "provider", "median", "images/s", "x reference", "GB/s", "TFLOP/s", "peak GB", "MFU %"]
 
 
 def _fmt_time(seconds):
@@ -35,6 +35,8 @@ def rows(data):
         info = bench.get("extra_info", {})
         params = bench.get("params") or {}
         name = bench["name"].split("[")[0].removeprefix("test_")
+        if "dtype" in params and info.get("dtype"):  # the dtype the case ran in, where it says so
+            params = {**params, "dtype": str(info["dtype"]).replace("torch.", "")}
         case = info.get("case") or ", ".join(f"{k}={_param(v)}" for k, v in params.items()
                                              if k not in ("provider", "variant", "device"))
         device = _param(params.get("device", ""))
@@ -44,7 +46,7 @@ def rows(data):
         out.append({
             "test": name, "case": case, "provider": provider, "median": _fmt_time(bench["stats"]["median"]),
             "images/s": info.get("images_per_s", ""), "x reference": info.get("ratio_to_reference", ""),
-            "GB/s": info.get("GB/s", ""), "peak GB": info.get("peak_memory_GB", ""), "MFU %": info.get("MFU_percent", ""),
+            "GB/s": info.get("GB/s", ""), "TFLOP/s": info.get("TFLOP/s", ""), "peak GB": info.get("peak_memory_GB", ""), "MFU %": info.get("MFU_percent", ""),
         })
     return out
 

@@ -78,16 +78,18 @@ def provider_fn(provider, device):
     return (lambda qkv, num_heads: ops.attention(qkv, num_heads, backend=provider)), contextlib.nullcontext()
 
 
-@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+@pytest.mark.parametrize("dtype", ["float32", "float16", "bfloat16"])
 @pytest.mark.parametrize("mode", ["forward", "forward_backward"])
 @pytest.mark.parametrize("shape", list(SHAPES))
 def test_attention(timed, benchmark, device, provider, shape, mode, dtype):
-    if device.type == "cuda" and (shape in CPU_ONLY or dtype == "bfloat16"):
-        pytest.skip("CUDA cases: the ViT-B shapes in float16")
+    if device.type == "cuda" and (shape in CPU_ONLY or dtype == "float32"):
+        pytest.skip("CUDA cases: the ViT-B shapes in float16 and bfloat16")
+    if device.type == "cpu" and dtype == "float16":
+        pytest.skip("CPU cases: float32 and bfloat16")
     if device.type == "cpu" and dtype == "bfloat16" and shape not in CPU_ONLY:
         pytest.skip("CPU bfloat16 cases: the micro preset's shapes")
     B, H, N, Dh = shape_for(device, shape)
-    dtype = torch.float16 if device.type == "cuda" else getattr(torch, dtype)
+    dtype = getattr(torch, dtype)
     gen = torch.Generator(device=device).manual_seed(0)
     qkv = torch.randn(B, N, 3 * H * Dh, device=device, dtype=dtype, generator=gen)
     grad = torch.randn(B, N, H * Dh, device=device, dtype=dtype, generator=gen)

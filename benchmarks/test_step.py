@@ -131,8 +131,9 @@ def test_training_step(benchmark, device, variant, preset, precision):
         event_ms = start.elapsed_time(end) / 10
 
         def timed_step():
-            step()
+            loss = step()
             torch.cuda.synchronize()
+            return loss
     else:
         timed_step = step
     loss = benchmark.pedantic(timed_step, rounds=3 if SIZE == "tiny" else 10, iterations=1)

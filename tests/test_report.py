@@ -39,3 +39,23 @@ def test_report_rejects_a_file_without_results(tmp_path):
     result = subprocess.run([sys.executable, "benchmarks/report.py", str(empty)], cwd=ROOT, capture_output=True,
                             text=True, timeout=60)
     assert result.returncode == 2 and result.stderr.startswith("report: error:")
+
+
+def test_report_names_the_dtype_a_case_ran_in(tmp_path):
+    """A case whose extra_info records the dtype it ran in is reported in that dtype, not its parameter's."""
+    import json
+
+    bench = {"name": "test_attention[cuda-triton-encoder_n40-forward-float32]",
+             "params": {"device": "UNSERIALIZABLE[device(type='cuda')]", "provider": "triton", "shape": "encoder_n40",
+                        "mode": "forward", "dtype": "float32"},
+             "stats": {"median": 1.15e-4},
+             "extra_info": {"device": "Some GPU", "torch": "2.11", "dtype": "torch.float16", "TFLOP/s": 12.5}}
+    path = tmp_path / "gpu.json"
+    path.write_text(json.dumps({"benchmarks": [bench], "machine_info": {}}))
+    result = subprocess.run([sys.executable, "benchmarks/report.py", str(path)], cwd=ROOT, capture_output=True,
+                            text=True, timeout=60)
+    assert result.returncode == 0, result.stderr
+    row = [l for l in (tmp_path / "gpu.md").read_text().splitlines() if l.startswith("| attention")][0]
+    cells = [c.strip() for c in row.split("|")]
+    assert cells[2] == "cuda: shape=encoder_n40, mode=forward, dtype=float16"
+    assert cells[4] == "115.0 us" and cells[5] == "12.5"
