@@ -23,6 +23,18 @@ RESULTS = {}
 DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
 
 
+def versions():
+    """torch's and (where installed) Triton's versions, for each result's extra_info."""
+    out = {"torch": torch.__version__}
+    try:
+        import triton
+
+        out["triton"] = triton.__version__
+    except ImportError:
+        pass
+    return out
+
+
 def pytest_configure(config):
     global MALLOC
     if os.environ.get("MVMAE_FAST_BENCH_MALLOC", "retain") != "default" and runtime.retain_freed_memory():
@@ -65,7 +77,7 @@ def timed(benchmark, device):
             call = fn
         result = benchmark(call)
         benchmark.extra_info["device"] = torch.cuda.get_device_name() if device.type == "cuda" else "cpu"
-        benchmark.extra_info["torch"] = torch.__version__
+        benchmark.extra_info.update(versions())
         benchmark.extra_info["malloc"] = MALLOC
         stats = getattr(benchmark, "stats", None)
         if bytes_moved is not None and stats is not None:

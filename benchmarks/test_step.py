@@ -140,14 +140,8 @@ def test_training_step(benchmark, device, variant, preset, precision):
     assert torch.isfinite(loss.detach()).item()
 
     info = benchmark.extra_info
-    info.update(case=f"{preset} batch {batch} {precision}", provider=variant, torch=torch.__version__, malloc=conftest.MALLOC,
-                device=torch.cuda.get_device_name() if device.type == "cuda" else "cpu")
-    try:
-        import triton
-
-        info["triton"] = triton.__version__
-    except ImportError:
-        pass
+    info.update(case=f"{preset} batch {batch} {precision}", provider=variant, malloc=conftest.MALLOC,
+                device=torch.cuda.get_device_name() if device.type == "cuda" else "cpu", **conftest.versions())
     stats = getattr(benchmark, "stats", None)
     if stats is None:  # --benchmark-disable: each case ran once as a plain test
         return

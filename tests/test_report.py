@@ -16,6 +16,14 @@ def test_report_renders_a_real_run(tmp_path):
                             "-q", "--benchmark-only", f"--benchmark-json={out}", "-p", "no:cacheprovider"],
                            cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
     assert bench.returncode == 0, bench.stdout[-2000:]
+    import json
+
+    import torch
+    import triton
+
+    for case in json.loads(out.read_text())["benchmarks"]:  # every result says what it ran on
+        info = case["extra_info"]
+        assert (info["device"], info["torch"], info["triton"]) == ("cpu", torch.__version__, triton.__version__)
     result = subprocess.run([sys.executable, "benchmarks/report.py", str(out)], cwd=ROOT, capture_output=True,
                             text=True, timeout=60)
     assert result.returncode == 0, result.stderr

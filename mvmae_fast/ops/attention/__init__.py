@@ -116,10 +116,8 @@ def _cpp_backward(grad_out, qkv, out, lse, num_heads, dqkv):
     return dqkv
 
 
-@torch.library.custom_op("mvmae_fast::attention", mutates_args=())
-def _attention_op(qkv: torch.Tensor, num_heads: int, backend: str) -> tuple[torch.Tensor, torch.Tensor]:
-    _check(qkv, num_heads)
-    name = _kernel_backend(qkv, num_heads, backend)
+def _kernel_forward(name, qkv, num_heads):
+    """(out, lse) from kernel backend ``name`` (checked by the caller)."""
     B, N, C = qkv.shape
     out = new_output((B, N, C // 3), qkv.dtype, qkv.device)
     lse = new_output((B, num_heads, N), torch.float32, qkv.device)
@@ -130,6 +128,27 @@ def _attention_op(qkv: torch.Tensor, num_heads: int, backend: str) -> tuple[torc
     with device_guard(qkv.device):
         triton_impl.forward(qkv, num_heads, out, lse)
     return out, lse
+
+
+def _kernel_backward(name, grad_out, qkv, out, lse, num_heads):
+    """dqkv from kernel backend ``name`` (checked by the caller)."""
+    dqkv = new_output(qkv.shape, qkv.dtype, qkv.device)
+    lse = lse.contiguous()
+    if name == "cpp":
+        return _cpp_backward(grad_out, qkv, out, lse, num_heads, dqkv)
+    from . import triton_impl
+
+    with device_guard(qkv.device):
+        triton_impl.backward(grad_out, qkv, out, lse, num_heads, dqkv)
+    return dqkv
+
+
+@torch.library.custom_op("mvmae_fast::attention", mutates_args=())
+def _attention_op(qkv: torch.Tensor, num_heads: int, backend: str) -> tuple[torch.Tensor, torch.Tensor]:
+    _check(qkv, num_heads)
+    name = _kernel_backend(qkv, num_heads, backend)
+    B, N, C = qkv.shape
+    return _kernel_forward(name, qkv, num_heads)
 
 
 @_attention_op.register_fake
@@ -144,15 +163,7 @@ def _attention_backward_op(grad_out: torch.Tensor, qkv: torch.Tensor, out: torch
                            num_heads: int, backend: str) -> torch.Tensor:
     _check_backward(grad_out, qkv, out, lse, num_heads)
     name = _kernel_backend(qkv, num_heads, backend)
-    dqkv = new_output(qkv.shape, qkv.dtype, qkv.device)
-    lse = lse.contiguous()
-    if name == "cpp":
-        return _cpp_backward(grad_out, qkv, out, lse, num_heads, dqkv)
-    from . import triton_impl
-
-    with device_guard(qkv.device):
-        triton_impl.backward(grad_out, qkv, out, lse, num_heads, dqkv)
-    return dqkv
+    return _kernel_backward(name, grad_out, qkv, out, lse, num_heads)
 
 
 @_attention_backward_op.register_fake
@@ -194,27 +205,26 @@ def attention(qkv, num_heads, *, backend=None):
         name = "torch"
     if name == "torch":
         return reference.attention(qkv, num_heads)
-    if name == "cpp" and direct_kernel_calls(qkv):
-        return _EagerCppAttention.apply(qkv, num_heads)
+    if direct_kernel_calls(qkv):
+        return _EagerKernelAttention.apply(qkv, num_heads, name)  # name: checked above
     return _attention_op(qkv, num_heads, name)[0]
 
 
-class _EagerCppAttention(torch.autograd.Function):
-    """The cpp kernels called from eager mode without the custom ops' Python dispatch (~50 us per call);
-    torch.compile and the other tracers get the custom ops (see _utils.direct_kernel_calls)."""
+class _EagerKernelAttention(torch.autograd.Function):
+    """The kernels (cpp or triton) called from eager mode without the custom ops' Python dispatch
+    (~50-100 us per call, twice per layer with the backward: the eager CUDA step is host-bound, see
+    the README's GPU numbers); torch.compile and the other tracers get the custom ops (see
+    _utils.direct_kernel_calls)."""
 
     @staticmethod
-    def forward(ctx, qkv, num_heads):
-        B, N, C = qkv.shape
-        out, lse = _cpp_forward(qkv, num_heads, new_output((B, N, C // 3), qkv.dtype, qkv.device),
-                                new_output((B, num_heads, N), torch.float32, qkv.device))
+    def forward(ctx, qkv, num_heads, name):
+        out, lse = _kernel_forward(name, qkv, num_heads)
         ctx.save_for_backward(qkv, out, lse)
-        ctx.num_heads = num_heads
+        ctx.num_heads, ctx.name = num_heads, name
         return out
 
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx, grad_out):
         qkv, out, lse = ctx.saved_tensors
-        dqkv = new_output(qkv.shape, qkv.dtype, qkv.device)
-        return _cpp_backward(grad_out, qkv, out, lse, ctx.num_heads, dqkv), None
+        return _kernel_backward(ctx.name, grad_out, qkv, out, lse, ctx.num_heads), None, None
