@@ -4,23 +4,40 @@
 # installs mvmae_fast offline with its CUDA kernels, runs the GPU correctness tests (every backend,
 # fp32/fp16/bf16, every Triton kernel against its torch reference), then the benchmark suite,
 # writing <results-dir>/<GPU name>.json and its Markdown/PNG report.
+# The whole run takes ~15 minutes on an H100 (compiling the four compiled step cases is most of it);
+# to split it: STAGES="install tests train" (default: all four, plus "bench") and BENCH_ARGS, extra
+# pytest arguments for the suite, e.g. BENCH_ARGS='-k "vit_base"'.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 results="${1:-benchmarks/results}"
 mkdir -p "$results"
 # The Python that holds torch (on the lent GPU machines a bare `pip` belongs to another interpreter).
 py="${PYTHON:-python3}"
+stages="${STAGES:-install tests train bench}"
+has() { [[ " $stages " == *" $1 "* ]]; }
 
-MVMAE_FAST_CUDA=1 "$py" -m pip install --no-build-isolation --no-deps -e .
+has install && MVMAE_FAST_CUDA=1 "$py" -m pip install --no-build-isolation --no-deps -e .
 "$py" -c "import mvmae_fast._ext as e; assert e.cuda_compiled(), 'mvmae_fast._C was built without CUDA'"
 
 # Native Triton for CUDA tensors (tests/conftest.py turns the interpreter on only if unset).
 export TRITON_INTERPRET=0
-"$py" -m pytest tests/test_cuda.py tests/test_cuda_kernels.py -q -rs
+# (in parallel where pytest-xdist is installed: the Triton compilations dominate, ~1.5 min on 16 cores)
+parallel=()
+"$py" -c "import xdist" 2>/dev/null && parallel=(-n 8)
+has tests && "$py" -m pytest tests/test_cuda.py tests/test_cuda_kernels.py -q -rs "${parallel[@]}"
+
+# The training entrypoint on the GPU: a short MV-MAE run (bf16 autocast), eager and compiled.
+if has train; then
+    run_dir=$(mktemp -d)
+    "$py" train/pretrain.py --epochs 1 --max-batches-per-epoch 20 --output-dir "$run_dir/eager"
+    "$py" train/pretrain.py --epochs 1 --max-batches-per-epoch 20 --compile --output-dir "$run_dir/compiled"
+fi
+has bench || exit 0
 
 gpu=$("$py" -c "import torch; print(torch.cuda.get_device_name().replace(' ', '_'))")
 if "$py" -c "import pytest_benchmark" 2>/dev/null; then
-    "$py" -m pytest benchmarks/ --benchmark-only -q --benchmark-json "$results/$gpu.json"
+    eval "extra=(${BENCH_ARGS:-})"
+    "$py" -m pytest benchmarks/ --benchmark-only -q --benchmark-json "$results/$gpu.json" "${extra[@]}"
     "$py" benchmarks/report.py "$results/$gpu.json"
 else
     echo "pytest-benchmark is not installed here: skipping the benchmark suite"
