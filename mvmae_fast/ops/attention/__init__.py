@@ -146,9 +146,7 @@ def _kernel_backward(name, grad_out, qkv, out, lse, num_heads):
 @torch.library.custom_op("mvmae_fast::attention", mutates_args=())
 def _attention_op(qkv: torch.Tensor, num_heads: int, backend: str) -> tuple[torch.Tensor, torch.Tensor]:
     _check(qkv, num_heads)
-    name = _kernel_backend(qkv, num_heads, backend)
-    B, N, C = qkv.shape
-    return _kernel_forward(name, qkv, num_heads)
+    return _kernel_forward(_kernel_backend(qkv, num_heads, backend), qkv, num_heads)
 
 
 @_attention_op.register_fake
