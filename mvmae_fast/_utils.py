@@ -35,6 +35,26 @@ def direct_kernel_calls(*tensors):
     return all(type(t) is torch.Tensor or type(t) is torch.nn.Parameter for t in tensors)
 
 
+def eager_function(name, kernel, setup_context, backward, backend, setup_args=None):
+    """An autograd.Function (named ``name``) that runs a custom op's work in eager mode without the
+    op's Python dispatch: ``kernel(*args)`` forward, then the op's own ``setup_context`` (given
+    ``args[:setup_args]`` plus check_indices=False and ``backend``, the op's trailing arguments) and
+    its registered ``backward``, which sees ``ctx.direct`` (see direct_backward). The callers check
+    the arguments and indices first, as the op would."""
+
+    def forward(ctx, *args):
+        out = kernel(*args)
+        setup_context(ctx, (*args[:setup_args], False, backend), out)
+        ctx.direct, ctx.num_args = True, len(args)
+        return out
+
+    def function_backward(ctx, grad):
+        return backward(ctx, grad)[:ctx.num_args]
+
+    return type(name, (torch.autograd.Function,),
+                {"forward": staticmethod(forward), "backward": staticmethod(function_backward)})
+
+
 def direct_backward(ctx):
     """Whether an op's registered backward may call its partner kernel directly: the node was made by
     the op's eager autograd Function (which sets ``ctx.direct``) and this backward is not itself being

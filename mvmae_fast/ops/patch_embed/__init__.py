@@ -24,7 +24,7 @@ import torch.nn.functional as F
 
 from ... import backends
 from ..._utils import (check_index_values, check_int, check_same_device, check_tensor, device_guard,
-                       direct_backward, direct_kernel_calls, new_output)
+                       direct_backward, direct_kernel_calls, eager_function, new_output)
 from . import reference
 
 _DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
@@ -261,30 +261,10 @@ def _eager_torch(op, device, backend, *tensors):
             and backends.select_backend(op, device, backend, _IMPLEMENTED) == "torch")
 
 
-class _EagerVisiblePatches(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, imgs, ids_keep, patch_size):
-        out = reference.gather_visible_patches(imgs, ids_keep, patch_size)
-        _patches_setup(ctx, (imgs, ids_keep, patch_size, False, "torch"), out)
-        ctx.direct = True
-        return out
-
-    @staticmethod
-    def backward(ctx, grad):
-        return _patches_backward(ctx, grad)[:3]
-
-
-class _EagerTableRows(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, table, ids):
-        out = reference.gather_table_rows(table, ids)
-        _table_setup(ctx, (table, ids, False, "torch"), out)
-        ctx.direct = True
-        return out
-
-    @staticmethod
-    def backward(ctx, grad):
-        return _table_backward(ctx, grad)[:2]
+_EagerVisiblePatches = eager_function("_EagerVisiblePatches", reference.gather_visible_patches, _patches_setup,
+                                      _patches_backward, "torch")
+_EagerTableRows = eager_function("_EagerTableRows", reference.gather_table_rows, _table_setup, _table_backward,
+                                 "torch")
 
 
 def _visible_patches(imgs, ids_keep, patch_size, check_indices, backend):

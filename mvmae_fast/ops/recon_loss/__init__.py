@@ -14,7 +14,7 @@ import torch
 
 from ... import _ext, backends
 from ..._utils import (CPP_DTYPE_CODES, check_index_values, check_int, check_tensor, device_guard,
-                       direct_backward, direct_kernel_calls, new_output)
+                       direct_backward, direct_kernel_calls, eager_function, new_output)
 
 _IMPLEMENTED = ("torch", "cpp", "triton")
 _KERNELS = ("cpp", "triton")  # the backends the custom ops run
@@ -254,22 +254,10 @@ def _recon_rows_backward(ctx, grad_losses):
 _recon_rows_op.register_autograd(_recon_rows_backward, setup_context=_recon_rows_setup)
 
 
-class _EagerCppReconRows(torch.autograd.Function):
-    """The cpp kernels called from eager mode on the CPU without the custom ops' Python dispatch
-    (~70 us a call, twice that with the backward): the custom op's kernels, context and backward
-    (which calls the kernel directly for this node, _utils.direct_backward); torch.compile and the
-    other tracers get the custom op (_utils.direct_kernel_calls)."""
-
-    @staticmethod
-    def forward(ctx, pred, imgs, ids_removed, patch_size, norm_pix_loss):
-        losses = _cpp_losses(pred, imgs, ids_removed, patch_size, norm_pix_loss)
-        _recon_rows_setup(ctx, (pred, imgs, ids_removed, patch_size, norm_pix_loss, False, "cpp"), losses)
-        ctx.direct = True
-        return losses
-
-    @staticmethod
-    def backward(ctx, grad_losses):
-        return _recon_rows_backward(ctx, grad_losses)[:5]
+# The cpp kernels called from eager mode on the CPU without the custom op's Python dispatch (~70 us
+# a call, twice that with the backward); torch.compile and the other tracers get the custom op
+# (_utils.direct_kernel_calls).
+_EagerCppReconRows = eager_function("_EagerCppReconRows", _cpp_losses, _recon_rows_setup, _recon_rows_backward, "cpp")
 
 
 def masked_recon_loss_rows(pred, imgs, ids_removed, patch_size, norm_pix_loss=True, *, views=None,

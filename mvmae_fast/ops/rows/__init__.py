@@ -10,7 +10,7 @@ import torch
 
 from ... import _ext, backends
 from ..._utils import (check_index_values, check_int, check_tensor, cuda_stream, device_guard, direct_backward,
-                       direct_kernel_calls, new_output)
+                       direct_kernel_calls, eager_function, new_output)
 from . import reference
 
 _DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
@@ -168,30 +168,9 @@ def _eager_cpp(op, device, backend, *tensors):
             and backends.select_backend(op, device, backend) == "cpp")
 
 
-class _EagerGatherRows(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, x, ids):
-        out = _gather_cpp(x, ids, x.shape[1])
-        _gather_setup(ctx, (x, ids, False, "cpp"), out)
-        ctx.direct = True
-        return out
-
-    @staticmethod
-    def backward(ctx, grad):
-        return _gather_backward(ctx, grad)[:2]
-
-
-class _EagerScatterRows(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, y, ids, num_rows):
-        out = _scatter_cpp(y, ids, num_rows)
-        _scatter_setup(ctx, (y, ids, num_rows, False, "cpp"), out)
-        ctx.direct = True
-        return out
-
-    @staticmethod
-    def backward(ctx, grad):
-        return _scatter_backward(ctx, grad)[:3]
+_EagerGatherRows = eager_function("_EagerGatherRows", lambda x, ids: _gather_cpp(x, ids, x.shape[1]),
+                                  _gather_setup, _gather_backward, "cpp")
+_EagerScatterRows = eager_function("_EagerScatterRows", _scatter_cpp, _scatter_setup, _scatter_backward, "cpp")
 
 
 def gather_rows(x, ids, *, check_indices=True, backend=None):

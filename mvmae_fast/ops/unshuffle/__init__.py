@@ -21,7 +21,7 @@ import torch
 
 from ... import _ext, backends
 from ..._utils import (CPP_DTYPE_CODES, check_index_values, check_int, check_same_device, check_tensor, device_guard,
-                       direct_backward, direct_kernel_calls, new_output)
+                       direct_backward, direct_kernel_calls, eager_function, new_output)
 from . import reference
 
 _DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
@@ -221,22 +221,10 @@ _decoder_unshuffle_op.register_autograd(_backward, setup_context=_setup)
 _decoder_unshuffle_backward_op.register_autograd(_backward_backward, setup_context=_backward_setup)
 
 
-class _EagerCppUnshuffle(torch.autograd.Function):
-    """The cpp kernels called from eager mode on the CPU without the custom ops' Python dispatch
-    (~70 us a call, twice that with the backward): the custom op's kernels, context and backward
-    (which calls the kernel directly for this node, _utils.direct_backward); torch.compile and the
-    other tracers get the custom op (_utils.direct_kernel_calls)."""
-
-    @staticmethod
-    def forward(ctx, x, ids_restore, mask_token, pos, num_patches):
-        out = _cpp_forward(x, ids_restore, mask_token, pos, num_patches)
-        _setup(ctx, (x, ids_restore, mask_token, pos, False, "cpp"), out)
-        ctx.direct = True
-        return out
-
-    @staticmethod
-    def backward(ctx, grad):
-        return _backward(ctx, grad)[:5]
+# The cpp kernels called from eager mode on the CPU without the custom ops' Python dispatch (~70 us
+# a call, twice that with the backward); torch.compile and the other tracers get the custom op
+# (_utils.direct_kernel_calls). Arguments: x, ids_restore, mask_token, pos, num_patches.
+_EagerCppUnshuffle = eager_function("_EagerCppUnshuffle", _cpp_forward, _setup, _backward, "cpp", setup_args=4)
 
 
 def decoder_unshuffle(x, ids_restore, mask_token, decoder_pos_embed, *, check_indices=True, backend=None):
