@@ -19,9 +19,7 @@ import traceback
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from test_step import PEAK_FLOPS, PROVIDERS, build, make_step  # noqa: E402
-
-from mvmae_fast import training  # noqa: E402
+from test_step import PROVIDERS, build, make_step, mfu_percent  # noqa: E402
 
 
 def measure(step, warmup, steps):
@@ -73,7 +71,6 @@ def main():
     args = parser.parse_args()
     device = torch.device("cuda")
     name = torch.cuda.get_device_name()
-    peak = next((v for k, v in PEAK_FLOPS.items() if k in name), None)
     import triton
 
     print(f"{name}, torch {torch.__version__}, triton {triton.__version__}, {args.preset} batch {args.batch} "
@@ -88,7 +85,8 @@ def main():
             ms, host_ms, mem = measure(step, args.warmup, args.steps)
             ips = args.batch / ms * 1e3
             base = base or ips
-            mfu = f"MFU {100 * training.training_flops_per_image(config) * ips / peak:5.1f}%" if peak else ""
+            mfu = mfu_percent(name, config, ips)
+            mfu = f"MFU {mfu:5.1f}%" if mfu is not None else ""
             print(f"{provider:24s} {ms:8.2f} ms  {ips:8.1f} img/s  x{ips / base:.3f} vs {args.providers[0]}  "
                   f"peak {mem:5.1f} GiB  {mfu}  host {host_ms:.1f} ms/step  "
                   f"(setup+warm-up {time.perf_counter() - begin:.0f} s)", flush=True)

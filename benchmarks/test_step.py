@@ -40,6 +40,12 @@ PROVIDERS = ["reference", "reference_sdpa_compiled", "mae", "mvmae", "mae_compil
 PEAK_FLOPS = {"H100": 989e12, "H200": 989e12, "A100": 312e12}
 
 
+def mfu_percent(device_name, config, images_per_s):
+    """Model FLOP utilisation of a step at ``images_per_s`` on ``device_name`` (None: peak unknown)."""
+    peak = next((v for k, v in PEAK_FLOPS.items() if k in device_name), None)
+    return 100 * training.training_flops_per_image(config) * images_per_s / peak if peak else None
+
+
 CASES = {"vit_base_patch16": 256, "vit_large_patch16": 128, "vit_micro_patch4_32": 64, "vit_tiny_patch4_32": 64}
 CPU_PRESETS = ("vit_micro_patch4_32", "vit_tiny_patch4_32")
 
@@ -156,8 +162,7 @@ def test_training_step(benchmark, device, variant, preset, precision):
     if device.type == "cuda":
         info["cuda_event_ms"] = round(event_ms, 3)
         info["peak_memory_GB"] = round(torch.cuda.max_memory_allocated() / 2**30, 2)
-        peak = next((v for k, v in PEAK_FLOPS.items() if k in info["device"]), None)
-        if peak:
-            flops = training.training_flops_per_image(config)
-            info["MFU_percent"] = round(100 * flops * ips / peak, 1)
+        mfu = mfu_percent(info["device"], config, ips)
+        if mfu is not None:
+            info["MFU_percent"] = round(mfu, 1)
             info["flops_formula"] = "3 x 2 x MACs(linears + attention matmuls) per image, all views"
