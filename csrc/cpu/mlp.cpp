@@ -47,6 +47,12 @@ struct Tiles {
   MVF_INLINE static void tile(const float* __restrict A, int64_t lda, const float* __restrict B, int64_t ldb,
                               int64_t K, float* __restrict C, int64_t ldc, int64_t c0, int64_t n,
                               const float* __restrict bias, const float* __restrict res) {
+    // The lines this tile writes (and, accumulating, reads), requested for writing now: the K loop
+    // below takes long enough to hide a miss to memory, and an output the caller has not touched
+    // recently (every fresh activation) otherwise stalls each store on a read-for-ownership.
+    for (int r = 0; r < MR; ++r)
+      for (int v = 0; v < NV; ++v)
+        if (c0 + 16 * v < n) __builtin_prefetch(C + r * ldc + c0 + 16 * v, 1, 3);
     vec16 acc[MR][NV];
     for (int r = 0; r < MR; ++r)
       for (int v = 0; v < NV; ++v) acc[r][v] = vec16{};
@@ -171,14 +177,17 @@ MVF_INLINE void forward_rows(const MlpArgs& a, int64_t r0, int64_t r1, float* sl
       in = xn;
       ld = dp;
     }
-    T::template gemm<MR, false, kStoreBias>(in, ld, a.w1_t, D * T::NR, T::NR, h, hp, R, Hd, D, a.b1, nullptr);
-    if (a.hidden_out)
-      for (int64_t r = 0; r < R; ++r) std::memcpy(a.hidden_out + (c + r) * Hd, h + r * hp, Hd * sizeof(float));
+    // fc1's output goes straight to hidden_out when the caller keeps it (no copy), else to h; GELU
+    // then reads it from there and writes h.
+    float* pre = a.hidden_out ? a.hidden_out + c * Hd : h;
+    const int64_t ld_pre = a.hidden_out ? Hd : hp;
+    T::template gemm<MR, false, kStoreBias>(in, ld, a.w1_t, D * T::NR, T::NR, pre, ld_pre, R, Hd, D, a.b1, nullptr);
     for (int64_t r = 0; r < R; ++r) {
+      const float* pr = pre + r * ld_pre;
       float* hr = h + r * hp;
       for (int64_t j = 0; j < Hd; ++j) {
         float value, grad;
-        gelu_and_grad(hr[j], value, grad);
+        gelu_and_grad(pr[j], value, grad);
         hr[j] = value;
       }
     }
@@ -198,6 +207,12 @@ int64_t forward_scratch(int64_t D, int64_t Hd) {
 int64_t backward_scratch(int64_t D, int64_t Hd) {
   const int64_t hp = padded(Hd), dp = padded(D);
   return 2 * kChunk * hp + 2 * kChunk * dp + Hd * dp + D * hp + 2 * (hp + 3 * dp);
+}
+
+// Requests the lines of [p, p + floats) into L2 (the next chunk's inputs while this chunk computes:
+// a training step's activations have left the cache by the time the backward reads them).
+MVF_INLINE void prefetch_floats(const float* p, int64_t floats) {
+  for (int64_t i = 0; i < floats; i += 16) __builtin_prefetch(p + i, 0, 2);
 }
 
 template <int MR, int NV>
@@ -230,16 +245,18 @@ MVF_INLINE void backward_rows(const MlpArgs& a, int64_t r0, int64_t r1, float* s
     const float* dy = a.grad_out + c * D;
     T::template gemm<MR, false, kStore>(dy, D, a.w2, D * T::NR, T::NR, g, hp, R, hp, D, nullptr, nullptr);
     input_rows(a, c, R, dp, false, xc);
-    if (a.hidden_in)  // the forward's fc1 output: the same bits the GEMM below would recompute
-      for (int64_t r = 0; r < R; ++r) std::memcpy(act + r * hp, a.hidden_in + (c + r) * Hd, Hd * sizeof(float));
-    else
+    // fc1's output: the forward's, read in place (the same bits the GEMM would recompute), or recomputed
+    if (!a.hidden_in)
       T::template gemm<MR, false, kStoreBias>(xc, dp, a.w1_t, D * T::NR, T::NR, act, hp, R, Hd, D, a.b1, nullptr);
+    const float* pre = a.hidden_in ? a.hidden_in + c * Hd : act;
+    const int64_t ld_pre = a.hidden_in ? Hd : hp;
     for (int64_t r = 0; r < R; ++r) {
       float* gr = g + r * hp;
-      float* ar = act + r * hp;  // fc1's output, replaced by gelu of it
+      float* ar = act + r * hp;  // gelu of fc1's output
+      const float* pr = pre + r * ld_pre;
       for (int64_t j = 0; j < Hd; ++j) {
         float value, grad;
-        gelu_and_grad(ar[j], value, grad);
+        gelu_and_grad(pr[j], value, grad);
         ar[j] = value;
         gr[j] *= grad;
       }
