@@ -51,6 +51,19 @@ MVF_INLINE auto packed_rows(const Shape& s, int64_t b, int64_t h) {
 template <int D, class Row>
 MVF_INLINE void load_rows(const void* src, const Shape& s, const Row& row, float mul, float* dst) {
   const int64_t dp = s.dp();
+  if (D == kFloat32 && s.head_dim == dp) {  // whole vectors (head_dim a multiple of 16, as in ViTs)
+    const float* f = static_cast<const float*>(src);
+    for (int64_t i = 0; i < s.seq; ++i) {
+      const float* in = f + row(i);
+      for (int64_t d = 0; d < dp; d += kVec) {
+        vec16 v;
+        std::memcpy(&v, in + d, sizeof v);
+        v *= mul;
+        std::memcpy(dst + i * dp + d, &v, sizeof v);
+      }
+    }
+    return;
+  }
   for (int64_t i = 0; i < s.seq; ++i) {
     const int64_t base = row(i);
     for (int64_t d = 0; d < s.head_dim; ++d) dst[i * dp + d] = load_as_float<D>(src, base + d) * mul;
@@ -71,6 +84,11 @@ MVF_INLINE void load_columns(const void* src, const Shape& s, const Row& row, fl
       vec16 r[16];
       for (int64_t ii = 0; ii < 16; ++ii) {
         float v[16] = {};
+        if (D == kFloat32 && dw == 16 && i0 + ii < N) {  // a whole vector straight from the row
+          std::memcpy(&r[ii], static_cast<const float*>(src) + row(i0 + ii) + d0, sizeof(vec16));
+          r[ii] *= mul;
+          continue;
+        }
         if (i0 + ii < N) {
           const int64_t base = row(i0 + ii) + d0;
           if (dw == 16) {
@@ -124,7 +142,16 @@ MVF_CPU_CLONES void forward_head(const void* qkv, void* out, float* lse, const S
   for (int64_t i = 0; i < N; ++i) {
     const float inv = 1.0f / sum[i];
     const int64_t base = packed_row(s, b, i, h);
-    for (int64_t d = 0; d < s.head_dim; ++d) store_from_float<D>(out, base + d, o[i * dp + d] * inv);
+    if (D == kFloat32 && s.head_dim == dp) {  // whole vectors
+      for (int64_t d = 0; d < dp; d += kVec) {
+        vec16 v;
+        std::memcpy(&v, o + i * dp + d, sizeof v);
+        v *= inv;
+        std::memcpy(static_cast<float*>(out) + base + d, &v, sizeof v);
+      }
+    } else {
+      for (int64_t d = 0; d < s.head_dim; ++d) store_from_float<D>(out, base + d, o[i * dp + d] * inv);
+    }
     row_lse[i] = mx[i] + std::log(sum[i]);
   }
 }
@@ -173,6 +200,15 @@ MVF_CPU_CLONES void backward_head(const void* grad_out, const void* qkv, const v
   auto store = [&](const float* grad, int which, float mul) {
     for (int64_t i = 0; i < N; ++i) {
       const int64_t base = (b * N + i) * 3 * hd + which * hd + h * s.head_dim;
+      if (D == kFloat32 && s.head_dim == dp) {  // whole vectors
+        for (int64_t d = 0; d < dp; d += kVec) {
+          vec16 v;
+          std::memcpy(&v, grad + i * dp + d, sizeof v);
+          v *= mul;
+          std::memcpy(static_cast<float*>(dqkv) + base + d, &v, sizeof v);
+        }
+        continue;
+      }
       for (int64_t d = 0; d < s.head_dim; ++d) store_from_float<D>(dqkv, base + d, grad[i * dp + d] * mul);
     }
   };
