@@ -47,21 +47,23 @@ MVF_INLINE auto packed_rows(const Shape& s, int64_t b, int64_t h) {
   return [&s, b, h](int64_t i) { return packed_row(s, b, i, h); };
 }
 
+// dst[0, n) = src[0, n) * mul, n a multiple of kVec: whole unaligned vectors (float32 rows whose
+// head_dim fills its vectors, the usual case, skip the per-element conversion loops).
+MVF_INLINE void scaled_copy(const float* src, float mul, float* dst, int64_t n) {
+  for (int64_t d = 0; d < n; d += kVec) {
+    vec16 v;
+    std::memcpy(&v, src + d, sizeof v);
+    v *= mul;
+    std::memcpy(dst + d, &v, sizeof v);
+  }
+}
+
 // dst (N x dp), row i = the head_dim elements at src + row(i), times mul; zero padded columns.
 template <int D, class Row>
 MVF_INLINE void load_rows(const void* src, const Shape& s, const Row& row, float mul, float* dst) {
   const int64_t dp = s.dp();
-  if (D == kFloat32 && s.head_dim == dp) {  // whole vectors (head_dim a multiple of 16, as in ViTs)
-    const float* f = static_cast<const float*>(src);
-    for (int64_t i = 0; i < s.seq; ++i) {
-      const float* in = f + row(i);
-      for (int64_t d = 0; d < dp; d += kVec) {
-        vec16 v;
-        std::memcpy(&v, in + d, sizeof v);
-        v *= mul;
-        std::memcpy(dst + i * dp + d, &v, sizeof v);
-      }
-    }
+  if (D == kFloat32 && s.head_dim == dp) {  // head_dim a multiple of 16, as in ViTs
+    for (int64_t i = 0; i < s.seq; ++i) scaled_copy(static_cast<const float*>(src) + row(i), mul, dst + i * dp, dp);
     return;
   }
   for (int64_t i = 0; i < s.seq; ++i) {
@@ -142,16 +144,9 @@ MVF_CPU_CLONES void forward_head(const void* qkv, void* out, float* lse, const S
   for (int64_t i = 0; i < N; ++i) {
     const float inv = 1.0f / sum[i];
     const int64_t base = packed_row(s, b, i, h);
-    if (D == kFloat32 && s.head_dim == dp) {  // whole vectors
-      for (int64_t d = 0; d < dp; d += kVec) {
-        vec16 v;
-        std::memcpy(&v, o + i * dp + d, sizeof v);
-        v *= inv;
-        std::memcpy(static_cast<float*>(out) + base + d, &v, sizeof v);
-      }
-    } else {
+    if (D == kFloat32 && s.head_dim == dp) scaled_copy(o + i * dp, inv, static_cast<float*>(out) + base, dp);
+    else
       for (int64_t d = 0; d < s.head_dim; ++d) store_from_float<D>(out, base + d, o[i * dp + d] * inv);
-    }
     row_lse[i] = mx[i] + std::log(sum[i]);
   }
 }
@@ -200,16 +195,9 @@ MVF_CPU_CLONES void backward_head(const void* grad_out, const void* qkv, const v
   auto store = [&](const float* grad, int which, float mul) {
     for (int64_t i = 0; i < N; ++i) {
       const int64_t base = (b * N + i) * 3 * hd + which * hd + h * s.head_dim;
-      if (D == kFloat32 && s.head_dim == dp) {  // whole vectors
-        for (int64_t d = 0; d < dp; d += kVec) {
-          vec16 v;
-          std::memcpy(&v, grad + i * dp + d, sizeof v);
-          v *= mul;
-          std::memcpy(static_cast<float*>(dqkv) + base + d, &v, sizeof v);
-        }
-        continue;
-      }
-      for (int64_t d = 0; d < s.head_dim; ++d) store_from_float<D>(dqkv, base + d, grad[i * dp + d] * mul);
+      if (D == kFloat32 && s.head_dim == dp) scaled_copy(grad + i * dp, mul, static_cast<float*>(dqkv) + base, dp);
+      else
+        for (int64_t d = 0; d < s.head_dim; ++d) store_from_float<D>(dqkv, base + d, grad[i * dp + d] * mul);
     }
   };
   gemm<true>(dst, np, k, dp, g, dp, N, N, dp);  // dq = scale dS k = scale (dS^T)^T k

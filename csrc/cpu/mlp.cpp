@@ -209,12 +209,6 @@ int64_t backward_scratch(int64_t D, int64_t Hd) {
   return 2 * kChunk * hp + 2 * kChunk * dp + Hd * dp + D * hp + 2 * (hp + 3 * dp);
 }
 
-// Requests the lines of [p, p + floats) into L2 (the next chunk's inputs while this chunk computes:
-// a training step's activations have left the cache by the time the backward reads them).
-MVF_INLINE void prefetch_floats(const float* p, int64_t floats) {
-  for (int64_t i = 0; i < floats; i += 16) __builtin_prefetch(p + i, 0, 2);
-}
-
 template <int MR, int NV>
 MVF_INLINE void backward_rows(const MlpArgs& a, int64_t r0, int64_t r1, float* slot) {
   using T = Tiles<NV>;
