@@ -25,11 +25,9 @@ import time
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from test_step import PROVIDERS, build, make_step  # noqa: E402
+from test_step import CASES, CPU_PRESETS, PROVIDERS, build, make_step  # noqa: E402
 
 from mvmae_fast import _ext, runtime  # noqa: E402
-
-BATCH = 64
 
 
 def load_build(checkout):
@@ -48,7 +46,7 @@ def main():
     parser.add_argument("base", help="a checkout whose extension is built in place")
     parser.add_argument("--provider", default="mae", choices=[p for p in PROVIDERS if not p.startswith("reference")])
     parser.add_argument("--precision", default="fp32", choices=("fp32", "bf16"))
-    parser.add_argument("--preset", default="vit_tiny_patch4_32", choices=("vit_micro_patch4_32", "vit_tiny_patch4_32"))
+    parser.add_argument("--preset", default="vit_tiny_patch4_32", choices=CPU_PRESETS)
     parser.add_argument("--rounds", type=int, default=16)
     parser.add_argument("--warmup", type=int, default=2)
     args = parser.parse_args()
@@ -56,13 +54,14 @@ def main():
         raise SystemExit("this checkout's extension is not built")
     runtime.retain_freed_memory()
     builds = {"base": load_build(args.base)[0], "this": _ext._C}
+    batch = CASES[args.preset]  # the step suite's batch for the preset
     device = torch.device("cpu")
     torch.manual_seed(0)
     model, config = build(args.provider, args.preset, device)
-    step = make_step(args.provider, model, device, BATCH, config, args.precision)
+    step = make_step(args.provider, model, device, batch, config, args.precision)
     torch.manual_seed(0)
     ref_model, ref_config = build("reference", args.preset, device)
-    reference = make_step("reference", ref_model, device, BATCH, ref_config, args.precision)
+    reference = make_step("reference", ref_model, device, batch, ref_config, args.precision)
     for module in builds.values():
         _ext._C = module
         for _ in range(args.warmup):
@@ -83,7 +82,7 @@ def main():
     med = {k: statistics.median(v) * 1e3 for k, v in times.items()}
     ratios = sorted(t / b for t, b in zip(times["this"], times["base"]))
     quart = len(ratios) // 4
-    print(f"{args.provider} {args.precision} {args.preset} batch {BATCH}, {args.rounds} rounds")
+    print(f"{args.provider} {args.precision} {args.preset} batch {batch}, {args.rounds} rounds")
     print(f"  base {med['base']:.1f} ms (x{med['reference'] / med['base']:.3f} reference), "
           f"this {med['this']:.1f} ms (x{med['reference'] / med['this']:.3f}), reference {med['reference']:.1f} ms")
     print(f"  this / base per round: median {statistics.median(ratios):.3f}, "

@@ -32,7 +32,7 @@ import time
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from test_step import PROVIDERS, build, make_step  # noqa: E402
+from test_step import CPU_PRESETS, PROVIDERS, build, make_step  # noqa: E402
 
 from mvmae_fast import runtime  # noqa: E402
 
@@ -44,7 +44,7 @@ def main():
     parser.add_argument("--providers", nargs="+", choices=PROVIDERS, default=["reference", "mae"])
     parser.add_argument("--precision", nargs="+", choices=("fp32", "bf16"), default=["fp32", "bf16"])
     parser.add_argument("--preset", default="vit_micro_patch4_32",
-                        choices=("vit_micro_patch4_32", "vit_tiny_patch4_32"))
+                        choices=CPU_PRESETS)
     parser.add_argument("--rounds", type=int, default=20)
     parser.add_argument("--warmup", type=int, default=5)
     parser.add_argument("--isolated", type=int, default=0, metavar="N",

@@ -85,12 +85,12 @@ MVF_INLINE void load_columns(const void* src, const Shape& s, const Row& row, fl
       const int64_t dw = std::min<int64_t>(16, hd - d0);
       vec16 r[16];
       for (int64_t ii = 0; ii < 16; ++ii) {
-        float v[16] = {};
         if (D == kFloat32 && dw == 16 && i0 + ii < N) {  // a whole vector straight from the row
           std::memcpy(&r[ii], static_cast<const float*>(src) + row(i0 + ii) + d0, sizeof(vec16));
           r[ii] *= mul;
           continue;
         }
+        float v[16] = {};
         if (i0 + ii < N) {
           const int64_t base = row(i0 + ii) + d0;
           if (dw == 16) {
