@@ -111,9 +111,13 @@ MVF_INLINE void load_columns(const void* src, const Shape& s, const Row& row, fl
 // queries. Softmax statistics are then per-lane (vertical) maxima and sums over rows, with no
 // horizontal reductions and no ragged tails (the lanes are padded to np; the padded queries score 0
 // and are never stored).
+// Each head calls ahead.step() this many times (between its phases): the next sample's lines are
+// requested over the current sample's heads (see Ahead in simd.h).
+constexpr int64_t kForwardSteps = 4, kBackwardSteps = 6;
+
 template <int D>
 MVF_CPU_CLONES void forward_head(const void* qkv, void* out, float* lse, const Shape& s, int64_t b, int64_t h,
-                                 float* scratch) {
+                                 float* scratch, Ahead& ahead) {
   const int64_t N = s.seq, np = s.np(), dp = s.dp();
   float* k = scratch;       // N x dp
   float* v = k + N * dp;    // N x dp
@@ -125,7 +129,9 @@ MVF_CPU_CLONES void forward_head(const void* qkv, void* out, float* lse, const S
   load_rows<D>(qkv, s, qkv_rows(s, b, 1, h), 1.0f, k);
   load_rows<D>(qkv, s, qkv_rows(s, b, 2, h), 1.0f, v);
   load_columns<D>(qkv, s, qkv_rows(s, b, 0, h), s.scale, qt);
+  ahead.step();
   gemm(k, dp, qt, np, pt, np, N, s.head_dim, np);
+  ahead.step();
   for (int64_t c = 0; c < np; ++c) {
     mx[c] = -INFINITY;
     sum[c] = 0.0f;
@@ -139,7 +145,9 @@ MVF_CPU_CLONES void forward_head(const void* qkv, void* out, float* lse, const S
       sum[c] += row[c];
     }
   }
+  ahead.step();
   gemm<true>(pt, np, v, dp, o, dp, N, N, dp);  // o = P v = (P^T)^T v
+  ahead.step();
   float* row_lse = lse + (b * s.heads + h) * N;
   for (int64_t i = 0; i < N; ++i) {
     const float inv = 1.0f / sum[i];
@@ -153,7 +161,7 @@ MVF_CPU_CLONES void forward_head(const void* qkv, void* out, float* lse, const S
 
 template <int D>
 MVF_CPU_CLONES void backward_head(const void* grad_out, const void* qkv, const void* out, const float* lse,
-                                  void* dqkv, const Shape& s, int64_t b, int64_t h, float* scratch) {
+                                  void* dqkv, const Shape& s, int64_t b, int64_t h, float* scratch, Ahead& ahead) {
   const int64_t N = s.seq, np = s.np(), dp = s.dp(), hd = s.heads * s.head_dim;
   float* q = scratch;          // N x dp, scaled
   float* k = q + N * dp;       // N x dp
@@ -181,12 +189,15 @@ MVF_CPU_CLONES void backward_head(const void* grad_out, const void* qkv, const v
   for (int64_t d = 0; d < s.head_dim; ++d)
     for (int64_t c = 0; c < np; ++c) delta[c] += got[d * np + c] * t[d * np + c];
   load_columns<D>(qkv, s, qkv_rows(s, b, 0, h), s.scale, t);
+  ahead.step();
   gemm(k, dp, t, np, pt, np, N, s.head_dim, np);  // S^T
+  ahead.step();
   for (int64_t j = 0; j < N; ++j) {
     float* row = pt + j * np;
     for (int64_t c = 0; c < np; ++c) row[c] = exp_nonpositive(std::min(row[c] - lsev[c], 0.0f));
   }
   gemm(v, dp, got, np, dst, np, N, s.head_dim, np);  // dP^T = v dO^T
+  ahead.step();
   for (int64_t j = 0; j < N; ++j) {
     float* row = dst + j * np;
     const float* prow = pt + j * np;
@@ -202,10 +213,13 @@ MVF_CPU_CLONES void backward_head(const void* grad_out, const void* qkv, const v
   };
   gemm<true>(dst, np, k, dp, g, dp, N, N, dp);  // dq = scale dS k = scale (dS^T)^T k
   store(g, 0, s.scale);
+  ahead.step();
   gemm(dst, np, q, dp, g, dp, N, N, dp);  // dk = dS^T (scale q)
   store(g, 1, 1.0f);
+  ahead.step();
   gemm(pt, np, go, dp, g, dp, N, N, dp);  // dv = P^T dO
   store(g, 2, 1.0f);
+  ahead.step();
 }
 
 int64_t head_flops(const Shape& s) { return std::max<int64_t>(1, s.seq * s.seq * s.head_dim); }
@@ -222,33 +236,46 @@ void for_each_head(const Shape& s, int threads, const Fn& fn) {
   const int64_t grain = std::max<int64_t>(1, (int64_t{1} << 18) / head_flops(s));
   parallel_for(s.batch * s.heads, grain, threads, [&](int64_t begin, int64_t end) {
     std::vector<float> scratch(static_cast<size_t>(scratch_floats(s)));
-    for (int64_t t = begin; t < end; ++t) fn(t / s.heads, t % s.heads, scratch.data());
+    Ahead ahead;
+    for (int64_t t = begin; t < end; ++t) {
+      const int64_t b = t / s.heads, h = t % s.heads;
+      // Starting a sample: its successor's lines, if this thread computes it, over this sample's heads.
+      if (h == 0 || t == begin) {
+        ahead = Ahead{};
+        if ((b + 1) * s.heads < end) fn.next_sample(b + 1, ahead);
+        ahead.pace((s.heads - h) * fn.steps);
+      }
+      fn(b, h, scratch.data(), ahead);
+    }
   });
-}
-
-// Requests the cache lines of [base, base + bytes) (for writing with `write`). A head's rows are short
-// runs at a wide stride (64 floats every 3 * H * Dh), which the hardware prefetchers do not follow, and
-// a training step's activations are out of cache by the time the attention reads them (or writes its
-// gradient): each task fetches the next sample's lines while it computes, instead of stalling on them.
-MVF_INLINE void prefetch_span(const void* base, int64_t bytes, bool write) {
-  const char* p = static_cast<const char*>(base);
-  for (int64_t off = 0; off < bytes; off += 64) {
-    if (write) __builtin_prefetch(p + off, 1, 2);
-    else __builtin_prefetch(p + off, 0, 2);
-  }
 }
 
 MVF_INLINE int64_t element_bytes(int dtype) { return dtype == kFloat32 ? 4 : 2; }
 
-// Sample b's span of qkv (all heads' q, k and v rows) and of a packed (B, N, H * Dh) tensor.
-MVF_INLINE void prefetch_qkv(const void* qkv, const Shape& s, int64_t b, int64_t esize) {
+// Sample b's span of qkv (all heads' q, k and v rows) and of a packed (B, N, H * Dh) tensor, for
+// prefetching. A head's rows are short runs at a wide stride (64 floats every 3 * H * Dh), which
+// the hardware prefetchers do not follow.
+MVF_INLINE void add_qkv(Ahead& ahead, const void* qkv, const Shape& s, int64_t b, int64_t esize) {
   const int64_t first = qkv_row(s, b, 0, 0, 0), last = qkv_row(s, b, s.seq - 1, 2, s.heads - 1) + s.head_dim;
-  prefetch_span(static_cast<const char*>(qkv) + first * esize, (last - first) * esize, false);
+  ahead.add(static_cast<const char*>(qkv) + first * esize, (last - first) * esize);
 }
 
-MVF_INLINE void prefetch_packed(const void* t, const Shape& s, int64_t b, int64_t width, int64_t esize, bool write) {
-  prefetch_span(static_cast<const char*>(t) + b * s.seq * width * esize, s.seq * width * esize, write);
+MVF_INLINE void add_packed(Ahead& ahead, const void* t, const Shape& s, int64_t b, int64_t width, int64_t esize) {
+  ahead.add(static_cast<const char*>(t) + b * s.seq * width * esize, s.seq * width * esize);
 }
+
+// The per-task work for for_each_head: the head's computation, which inputs and outputs of a
+// sample to prefetch, and how many ahead.step()s a head makes.
+template <class Head, class Next>
+struct Task {
+  Head head;
+  Next next;
+  int64_t steps;
+  void operator()(int64_t b, int64_t h, float* scratch, Ahead& ahead) const { head(b, h, scratch, ahead); }
+  void next_sample(int64_t b, Ahead& ahead) const { next(b, ahead); }
+};
+template <class Head, class Next>
+Task<Head, Next> task(Head head, Next next, int64_t steps) { return Task<Head, Next>{head, next, steps}; }
 
 Shape make_shape(int64_t batch, int64_t seq, int64_t heads, int64_t head_dim, int64_t row_stride,
                  int64_t batch_stride) {
@@ -262,15 +289,17 @@ void attention_forward_cpu(const void* qkv, void* out, float* lse, int dtype, in
                            int threads) {
   const Shape s = make_shape(batch, seq, heads, head_dim, row_stride, batch_stride);
   const int64_t esize = element_bytes(dtype), hd = heads * head_dim;
-  for_each_head(s, threads, [&](int64_t b, int64_t h, float* scratch) {
-    if (h == 0 && b + 1 < batch) {
-      prefetch_qkv(qkv, s, b + 1, esize);
-      prefetch_packed(out, s, b + 1, hd, esize, true);
-    }
-    if (dtype == kFloat32) forward_head<kFloat32>(qkv, out, lse, s, b, h, scratch);
-    else if (dtype == kBFloat16) forward_head<kBFloat16>(qkv, out, lse, s, b, h, scratch);
-    else forward_head<kFloat16>(qkv, out, lse, s, b, h, scratch);
-  });
+  for_each_head(s, threads, task(
+      [&](int64_t b, int64_t h, float* scratch, Ahead& ahead) {
+        if (dtype == kFloat32) forward_head<kFloat32>(qkv, out, lse, s, b, h, scratch, ahead);
+        else if (dtype == kBFloat16) forward_head<kBFloat16>(qkv, out, lse, s, b, h, scratch, ahead);
+        else forward_head<kFloat16>(qkv, out, lse, s, b, h, scratch, ahead);
+      },
+      [&](int64_t b, Ahead& ahead) {
+        add_qkv(ahead, qkv, s, b, esize);
+        add_packed(ahead, out, s, b, hd, esize);
+      },
+      kForwardSteps));
 }
 
 void attention_backward_cpu(const void* grad_out, const void* qkv, const void* out, const float* lse,
@@ -278,17 +307,19 @@ void attention_backward_cpu(const void* grad_out, const void* qkv, const void* o
                             int64_t head_dim, int64_t row_stride, int64_t batch_stride, int threads) {
   const Shape s = make_shape(batch, seq, heads, head_dim, row_stride, batch_stride);
   const int64_t esize = element_bytes(dtype), hd = heads * head_dim;
-  for_each_head(s, threads, [&](int64_t b, int64_t h, float* scratch) {
-    if (h == 0 && b + 1 < batch) {
-      prefetch_qkv(qkv, s, b + 1, esize);
-      prefetch_packed(grad_out, s, b + 1, hd, esize, false);
-      prefetch_packed(out, s, b + 1, hd, esize, false);
-      prefetch_packed(dqkv, s, b + 1, 3 * hd, esize, true);
-    }
-    if (dtype == kFloat32) backward_head<kFloat32>(grad_out, qkv, out, lse, dqkv, s, b, h, scratch);
-    else if (dtype == kBFloat16) backward_head<kBFloat16>(grad_out, qkv, out, lse, dqkv, s, b, h, scratch);
-    else backward_head<kFloat16>(grad_out, qkv, out, lse, dqkv, s, b, h, scratch);
-  });
+  for_each_head(s, threads, task(
+      [&](int64_t b, int64_t h, float* scratch, Ahead& ahead) {
+        if (dtype == kFloat32) backward_head<kFloat32>(grad_out, qkv, out, lse, dqkv, s, b, h, scratch, ahead);
+        else if (dtype == kBFloat16) backward_head<kBFloat16>(grad_out, qkv, out, lse, dqkv, s, b, h, scratch, ahead);
+        else backward_head<kFloat16>(grad_out, qkv, out, lse, dqkv, s, b, h, scratch, ahead);
+      },
+      [&](int64_t b, Ahead& ahead) {
+        add_qkv(ahead, qkv, s, b, esize);
+        add_packed(ahead, grad_out, s, b, hd, esize);
+        add_packed(ahead, out, s, b, hd, esize);
+        add_packed(ahead, dqkv, s, b, 3 * hd, esize);
+      },
+      kBackwardSteps));
 }
 
 }  // namespace mvmae_fast
