@@ -230,8 +230,11 @@ int64_t scratch_floats(const Shape& s) {
   return 5 * N * dp + 2 * dp * np + 2 * N * np + 2 * np;
 }
 
-template <class Fn>
-void for_each_head(const Shape& s, int threads, const Fn& fn) {
+// head(b, h, scratch, ahead) for every (sample, head), in parallel. A head makes `steps` ahead.step()s;
+// next_sample(b, ahead) adds sample b's lines, which are requested over the heads of the sample before
+// it when the same thread computes both.
+template <class Head, class Next>
+void for_each_head(const Shape& s, int threads, int64_t steps, const Next& next_sample, const Head& head) {
   // ~256k multiply-adds per chunk before another thread is worth waking.
   const int64_t grain = std::max<int64_t>(1, (int64_t{1} << 18) / head_flops(s));
   parallel_for(s.batch * s.heads, grain, threads, [&](int64_t begin, int64_t end) {
@@ -242,10 +245,10 @@ void for_each_head(const Shape& s, int threads, const Fn& fn) {
       // Starting a sample: its successor's lines, if this thread computes it, over this sample's heads.
       if (h == 0 || t == begin) {
         ahead = Ahead{};
-        if ((b + 1) * s.heads < end) fn.next_sample(b + 1, ahead);
-        ahead.pace((s.heads - h) * fn.steps);
+        if ((b + 1) * s.heads < end) next_sample(b + 1, ahead);
+        ahead.pace((s.heads - h) * steps);
       }
-      fn(b, h, scratch.data(), ahead);
+      head(b, h, scratch.data(), ahead);
     }
   });
 }
@@ -264,19 +267,6 @@ MVF_INLINE void add_packed(Ahead& ahead, const void* t, const Shape& s, int64_t 
   ahead.add(static_cast<const char*>(t) + b * s.seq * width * esize, s.seq * width * esize);
 }
 
-// The per-task work for for_each_head: the head's computation, which inputs and outputs of a
-// sample to prefetch, and how many ahead.step()s a head makes.
-template <class Head, class Next>
-struct Task {
-  Head head;
-  Next next;
-  int64_t steps;
-  void operator()(int64_t b, int64_t h, float* scratch, Ahead& ahead) const { head(b, h, scratch, ahead); }
-  void next_sample(int64_t b, Ahead& ahead) const { next(b, ahead); }
-};
-template <class Head, class Next>
-Task<Head, Next> task(Head head, Next next, int64_t steps) { return Task<Head, Next>{head, next, steps}; }
-
 Shape make_shape(int64_t batch, int64_t seq, int64_t heads, int64_t head_dim, int64_t row_stride,
                  int64_t batch_stride) {
   return Shape{batch, seq, heads, head_dim, row_stride, batch_stride, 1.0f / std::sqrt(static_cast<float>(head_dim))};
@@ -289,17 +279,15 @@ void attention_forward_cpu(const void* qkv, void* out, float* lse, int dtype, in
                            int threads) {
   const Shape s = make_shape(batch, seq, heads, head_dim, row_stride, batch_stride);
   const int64_t esize = element_bytes(dtype), hd = heads * head_dim;
-  for_each_head(s, threads, task(
-      [&](int64_t b, int64_t h, float* scratch, Ahead& ahead) {
-        if (dtype == kFloat32) forward_head<kFloat32>(qkv, out, lse, s, b, h, scratch, ahead);
-        else if (dtype == kBFloat16) forward_head<kBFloat16>(qkv, out, lse, s, b, h, scratch, ahead);
-        else forward_head<kFloat16>(qkv, out, lse, s, b, h, scratch, ahead);
-      },
-      [&](int64_t b, Ahead& ahead) {
-        add_qkv(ahead, qkv, s, b, esize);
-        add_packed(ahead, out, s, b, hd, esize);
-      },
-      kForwardSteps));
+  const auto next_sample = [&](int64_t b, Ahead& ahead) {
+    add_qkv(ahead, qkv, s, b, esize);
+    add_packed(ahead, out, s, b, hd, esize);
+  };
+  for_each_head(s, threads, kForwardSteps, next_sample, [&](int64_t b, int64_t h, float* scratch, Ahead& ahead) {
+    if (dtype == kFloat32) forward_head<kFloat32>(qkv, out, lse, s, b, h, scratch, ahead);
+    else if (dtype == kBFloat16) forward_head<kBFloat16>(qkv, out, lse, s, b, h, scratch, ahead);
+    else forward_head<kFloat16>(qkv, out, lse, s, b, h, scratch, ahead);
+  });
 }
 
 void attention_backward_cpu(const void* grad_out, const void* qkv, const void* out, const float* lse,
@@ -307,19 +295,17 @@ void attention_backward_cpu(const void* grad_out, const void* qkv, const void* o
                             int64_t head_dim, int64_t row_stride, int64_t batch_stride, int threads) {
   const Shape s = make_shape(batch, seq, heads, head_dim, row_stride, batch_stride);
   const int64_t esize = element_bytes(dtype), hd = heads * head_dim;
-  for_each_head(s, threads, task(
-      [&](int64_t b, int64_t h, float* scratch, Ahead& ahead) {
-        if (dtype == kFloat32) backward_head<kFloat32>(grad_out, qkv, out, lse, dqkv, s, b, h, scratch, ahead);
-        else if (dtype == kBFloat16) backward_head<kBFloat16>(grad_out, qkv, out, lse, dqkv, s, b, h, scratch, ahead);
-        else backward_head<kFloat16>(grad_out, qkv, out, lse, dqkv, s, b, h, scratch, ahead);
-      },
-      [&](int64_t b, Ahead& ahead) {
-        add_qkv(ahead, qkv, s, b, esize);
-        add_packed(ahead, grad_out, s, b, hd, esize);
-        add_packed(ahead, out, s, b, hd, esize);
-        add_packed(ahead, dqkv, s, b, 3 * hd, esize);
-      },
-      kBackwardSteps));
+  const auto next_sample = [&](int64_t b, Ahead& ahead) {
+    add_qkv(ahead, qkv, s, b, esize);
+    add_packed(ahead, grad_out, s, b, hd, esize);
+    add_packed(ahead, out, s, b, hd, esize);
+    add_packed(ahead, dqkv, s, b, 3 * hd, esize);
+  };
+  for_each_head(s, threads, kBackwardSteps, next_sample, [&](int64_t b, int64_t h, float* scratch, Ahead& ahead) {
+    if (dtype == kFloat32) backward_head<kFloat32>(grad_out, qkv, out, lse, dqkv, s, b, h, scratch, ahead);
+    else if (dtype == kBFloat16) backward_head<kBFloat16>(grad_out, qkv, out, lse, dqkv, s, b, h, scratch, ahead);
+    else backward_head<kFloat16>(grad_out, qkv, out, lse, dqkv, s, b, h, scratch, ahead);
+  });
 }
 
 }  // namespace mvmae_fast

@@ -210,7 +210,7 @@ MVF_INLINE void forward_rows(const MlpArgs& a, int64_t r0, int64_t r1, float* sl
       }
     }
     Ahead ahead;  // the next chunk's rows of x, for its LayerNorm
-    ahead.add(a.x + (c + R) * D, std::min(kChunk, r1 - c - R) * D * 4);
+    ahead.add_rows(a.x, D, c + R, std::min(kChunk, r1 - c - R));
     ahead.pace(T::template tiles<MR>(R, D));
     T::template gemm<MR, false, kStoreBias>(h, hp, a.w2_t, Hd * T::NR, T::NR, a.out + c * D, D, R, D, Hd, a.b2,
                                             a.residual ? a.x + c * D : nullptr, &ahead);
@@ -259,7 +259,7 @@ MVF_INLINE void backward_rows(const MlpArgs& a, int64_t r0, int64_t r1, float* s
     float* cbeta = cgamma + dp;
     const float* dy = a.grad_out + c * D;
     Ahead hidden;  // this chunk's rows of fc1's kept output, for the GELU pass below
-    if (a.hidden_in) hidden.add(a.hidden_in + c * Hd, R * Hd * 4);
+    if (a.hidden_in) hidden.add_rows(a.hidden_in, Hd, c, R);
     hidden.pace(T::template tiles<MR>(R, hp));
     T::template gemm<MR, false, kStore>(dy, D, a.w2, D * T::NR, T::NR, g, hp, R, hp, D, nullptr, nullptr, &hidden);
     input_rows(a, c, R, dp, false, xc);
@@ -284,9 +284,8 @@ MVF_INLINE void backward_rows(const MlpArgs& a, int64_t r0, int64_t r1, float* s
       for (int64_t d = 0; d < D; ++d) cb2[d] += dyr[d];
     }
     Ahead next;  // the next chunk's rows of dY and x
-    const int64_t next_rows = std::min(kChunk, r1 - c - R);
-    next.add(a.grad_out + (c + R) * D, next_rows * D * 4);
-    next.add(a.x + (c + R) * D, next_rows * D * 4);
+    next.add_rows(a.grad_out, D, c + R, std::min(kChunk, r1 - c - R));
+    next.add_rows(a.x, D, c + R, std::min(kChunk, r1 - c - R));
     next.pace(T::template tiles<MR>(D, hp));
     if (c == r0) {
       T::template gemm<MR, true, kStore>(dy, D, act, T::NR, hp, dw2, hp, D, hp, R, nullptr, nullptr, &next);  // dY^T A
@@ -302,7 +301,7 @@ MVF_INLINE void backward_rows(const MlpArgs& a, int64_t r0, int64_t r1, float* s
       continue;
     }
     Ahead out;  // this chunk's rows of dx, written below
-    out.add(a.dx + c * D, R * D * 4);
+    out.add_rows(a.dx, D, c, R);
     out.pace(T::template tiles<MR>(R, D));
     T::template gemm<MR, false, kStore>(g, hp, a.w1, Hd * T::NR, T::NR, dxn, dp, R, D, Hd, nullptr, nullptr, &out);
     for (int64_t r = 0; r < R; ++r)
@@ -322,7 +321,7 @@ MVF_INLINE void linear_forward_rows(const MlpArgs& a, int64_t r0, int64_t r1, fl
     const int64_t R = std::min(kChunk, r1 - c);
     input_rows(a, c, R, dp, true, slot);
     Ahead ahead;  // the next chunk's rows of x
-    ahead.add(a.x + (c + R) * D, std::min(kChunk, r1 - c - R) * D * 4);
+    ahead.add_rows(a.x, D, c + R, std::min(kChunk, r1 - c - R));
     ahead.pace(T::template tiles<MR>(R, Hd));
     T::template gemm<MR, false, kStoreBias>(slot, dp, a.w1_t, D * T::NR, T::NR, a.out + c * Hd, Hd, R, Hd, D, a.b1,
                                             nullptr, &ahead);
@@ -361,14 +360,13 @@ MVF_INLINE void linear_backward_rows(const MlpArgs& a, int64_t r0, int64_t r1, f
       for (int64_t j = 0; j < Hd; ++j) chunk_sums[j] += dy[r * Hd + j];
     input_rows(a, c, R, dp, false, xc);
     Ahead next;  // the next chunk's rows of dY and x
-    const int64_t next_rows = std::min(kChunk, r1 - c - R);
-    next.add(a.grad_out + (c + R) * Hd, next_rows * Hd * 4);
-    next.add(a.x + (c + R) * D, next_rows * D * 4);
+    next.add_rows(a.grad_out, Hd, c + R, std::min(kChunk, r1 - c - R));
+    next.add_rows(a.x, D, c + R, std::min(kChunk, r1 - c - R));
     next.pace(T::template tiles<MR>(Hd, dp));
     if (c == r0) T::template gemm<MR, true, kStore>(dy, Hd, xc, T::NR, dp, dw, dp, Hd, dp, R, nullptr, nullptr, &next);  // dY^T xn
     else T::template gemm<MR, true, kAccumulate>(dy, Hd, xc, T::NR, dp, dw, dp, Hd, dp, R, nullptr, nullptr, &next);
     Ahead out;  // this chunk's rows of dx, written below
-    out.add(a.dx + c * D, R * D * 4);
+    out.add_rows(a.dx, D, c, R);
     out.pace(T::template tiles<MR>(R, D));
     T::template gemm<MR, false, kStore>(dy, Hd, a.w1, Hd * T::NR, T::NR, dxn, dp, R, D, Hd, nullptr, nullptr, &out);
     for (int64_t r = 0; r < R; ++r)

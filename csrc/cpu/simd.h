@@ -151,10 +151,15 @@ struct Ahead {
     if (!p || bytes <= 0) return;
     for (int i = 0; i < kRanges; ++i)
       if (!next[i]) {
-        next[i] = static_cast<const char*>(p);
-        end[i] = next[i] + bytes;
+        end[i] = static_cast<const char*>(p) + bytes;
+        // From the start of p's line, so the steps of 64 bytes reach the line holding end - 1.
+        next[i] = static_cast<const char*>(p) - (reinterpret_cast<uintptr_t>(p) & 63);
         return;
       }
+  }
+  // Rows [row, row + rows) of a row-major float matrix `width` floats wide.
+  void add_rows(const float* m, int64_t width, int64_t row, int64_t rows) {
+    add(m + row * width, rows * width * static_cast<int64_t>(sizeof(float)));
   }
   // Spread what was added over `steps` calls of step().
   void pace(int64_t steps) {
