@@ -134,19 +134,30 @@ def test_cpp_conversions_are_exact(dtype):
     assert torch.equal(out[0, 0], expected) and torch.equal(out[0, 1], expected)
 
 
-def test_cpp_independent_of_thread_count():
-    qkv, grad = make_qkv(4, 3, 33, 32, torch.float32)
+# (B, H, N, Dh) with heads big enough that each is worth a thread: one sample (split by head), fewer
+# samples than two per thread (split by head), and ranges of samples per thread (uneven for 2 and 3
+# threads), from which a thread that finishes first takes the others' last samples.
+@pytest.mark.parametrize("shape", [(4, 3, 33, 32), (1, 3, 65, 64), (3, 2, 65, 64), (7, 2, 65, 64)], ids=shape_id)
+def test_cpp_independent_of_thread_count(shape):
+    """The same bits for every thread count and schedule; more threads than cores (4 here) get
+    descheduled mid-call, so the others take over their samples."""
+    qkv, grad = make_qkv(*shape, torch.float32)
     threads = torch.get_num_threads()
     results = []
-    for count in (1, max(2, threads)):
+    for count in (1, 2, 3, 4):
         torch.set_num_threads(count)
         try:
-            results.append(run(kernel_attention(3, "cpp"), qkv, grad))
+            for _ in range(3 if count > 2 else 1):
+                results.append(run(kernel_attention(shape[1], "cpp"), qkv, grad))
         finally:
             torch.set_num_threads(threads)
-    one, many = results
+    one = results[0]
+    for other in results[1:]:
+        for name in one:
+            assert torch.equal(one[name], other[name]), name
+    expected = run(lambda x: ref_attention(x, shape[1]), qkv.double(), grad.double())
     for name in one:
-        assert torch.equal(one[name], many[name]), name
+        torch.testing.assert_close(one[name].double(), expected[name], rtol=1e-4, atol=1e-5)
 
 
 @pytest.mark.parametrize("blocks", [(16, 16), (16, 32), (32, 16)], ids=str)
