@@ -13,7 +13,7 @@ import os
 import re
 import sys
 
-COLUMNS = ["test", "case", "provider", "median", "images/s", "x reference", "GB/s", "TFLOP/s", "peak GB", "MFU %"]
+COLUMNS = ["test", "case", "provider", "median", "images/s", "x reference", "x reference, interleaved", "GB/s", "TFLOP/s", "peak GB", "MFU %"]
 
 
 def _fmt_time(seconds):
@@ -46,6 +46,7 @@ def rows(data):
         out.append({
             "test": name, "case": case, "provider": provider, "median": _fmt_time(bench["stats"]["median"]),
             "images/s": info.get("images_per_s", ""), "x reference": info.get("ratio_to_reference", ""),
+            "x reference, interleaved": info.get("ratio_to_reference_interleaved", ""),
             "GB/s": info.get("GB/s", ""), "TFLOP/s": info.get("TFLOP/s", ""), "peak GB": info.get("peak_memory_GB", ""), "MFU %": info.get("MFU_percent", ""),
         })
     return out

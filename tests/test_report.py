@@ -37,6 +37,12 @@ def test_report_renders_a_real_run(tmp_path):
         assert float(cells[5]) > 0  # images/s
     reference = [l for l in lines if l.split("|")[3].strip() == "reference"][0]
     assert reference.split("|")[6].strip() == "1.0"  # the reference's ratio to itself
+    header = [c.strip() for c in table.splitlines()[2].split("|")]
+    interleaved = header.index("x reference, interleaved")
+    assert reference.split("|")[interleaved].strip() == ""  # not timed against itself
+    for line in lines:  # every other CPU step also timed alternately with reference steps
+        if line.split("|")[3].strip() != "reference":
+            assert float(line.split("|")[interleaved]) > 0
     assert any(l.startswith("| gather_rows") and "GB/s" not in l for l in table.splitlines())
     assert (tmp_path / "run.png").stat().st_size > 1000
 
