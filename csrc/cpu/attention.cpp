@@ -112,9 +112,11 @@ MVF_INLINE void load_columns(const void* src, const Shape& s, const Row& row, fl
 // queries. Softmax statistics are then per-lane (vertical) maxima and sums over rows, with no
 // horizontal reductions and no ragged tails (the lanes are padded to np; the padded queries score 0
 // and are never stored).
-// Each head calls ahead.step() this many times (between its phases): the next sample's lines are
+// Each head calls ahead.step() once per block of rows of each of its products (the forward has two,
+// the backward five): the next sample's lines are
 // requested over the current sample's heads (see Ahead in simd.h).
-constexpr int64_t kForwardSteps = 4, kBackwardSteps = 6;
+MVF_INLINE int64_t forward_steps(const Shape& s) { return 2 * gemm_row_blocks(s.seq); }
+MVF_INLINE int64_t backward_steps(const Shape& s) { return 5 * gemm_row_blocks(s.seq); }
 
 template <int D>
 MVF_CPU_CLONES void forward_head(const void* qkv, void* out, float* lse, const Shape& s, int64_t b, int64_t h,
@@ -130,9 +132,7 @@ MVF_CPU_CLONES void forward_head(const void* qkv, void* out, float* lse, const S
   load_rows<D>(qkv, s, qkv_rows(s, b, 1, h), 1.0f, k);
   load_rows<D>(qkv, s, qkv_rows(s, b, 2, h), 1.0f, v);
   load_columns<D>(qkv, s, qkv_rows(s, b, 0, h), s.scale, qt);
-  ahead.step();
-  gemm(k, dp, qt, np, pt, np, N, s.head_dim, np);
-  ahead.step();
+  gemm(k, dp, qt, np, pt, np, N, s.head_dim, np, &ahead);
   for (int64_t c = 0; c < np; ++c) {
     mx[c] = -INFINITY;
     sum[c] = 0.0f;
@@ -146,9 +146,7 @@ MVF_CPU_CLONES void forward_head(const void* qkv, void* out, float* lse, const S
       sum[c] += row[c];
     }
   }
-  ahead.step();
-  gemm<true>(pt, np, v, dp, o, dp, N, N, dp);  // o = P v = (P^T)^T v
-  ahead.step();
+  gemm<true>(pt, np, v, dp, o, dp, N, N, dp, &ahead);  // o = P v = (P^T)^T v
   float* row_lse = lse + (b * s.heads + h) * N;
   for (int64_t i = 0; i < N; ++i) {
     const float inv = 1.0f / sum[i];
@@ -190,15 +188,12 @@ MVF_CPU_CLONES void backward_head(const void* grad_out, const void* qkv, const v
   for (int64_t d = 0; d < s.head_dim; ++d)
     for (int64_t c = 0; c < np; ++c) delta[c] += got[d * np + c] * t[d * np + c];
   load_columns<D>(qkv, s, qkv_rows(s, b, 0, h), s.scale, t);
-  ahead.step();
-  gemm(k, dp, t, np, pt, np, N, s.head_dim, np);  // S^T
-  ahead.step();
+  gemm(k, dp, t, np, pt, np, N, s.head_dim, np, &ahead);  // S^T
   for (int64_t j = 0; j < N; ++j) {
     float* row = pt + j * np;
     for (int64_t c = 0; c < np; ++c) row[c] = exp_nonpositive(std::min(row[c] - lsev[c], 0.0f));
   }
-  gemm(v, dp, got, np, dst, np, N, s.head_dim, np);  // dP^T = v dO^T
-  ahead.step();
+  gemm(v, dp, got, np, dst, np, N, s.head_dim, np, &ahead);  // dP^T = v dO^T
   for (int64_t j = 0; j < N; ++j) {
     float* row = dst + j * np;
     const float* prow = pt + j * np;
@@ -212,15 +207,12 @@ MVF_CPU_CLONES void backward_head(const void* grad_out, const void* qkv, const v
         for (int64_t d = 0; d < s.head_dim; ++d) store_from_float<D>(dqkv, base + d, grad[i * dp + d] * mul);
     }
   };
-  gemm<true>(dst, np, k, dp, g, dp, N, N, dp);  // dq = scale dS k = scale (dS^T)^T k
+  gemm<true>(dst, np, k, dp, g, dp, N, N, dp, &ahead);  // dq = scale dS k = scale (dS^T)^T k
   store(g, 0, s.scale);
-  ahead.step();
-  gemm(dst, np, q, dp, g, dp, N, N, dp);  // dk = dS^T (scale q)
+  gemm(dst, np, q, dp, g, dp, N, N, dp, &ahead);  // dk = dS^T (scale q)
   store(g, 1, 1.0f);
-  ahead.step();
-  gemm(pt, np, go, dp, g, dp, N, N, dp);  // dv = P^T dO
+  gemm(pt, np, go, dp, g, dp, N, N, dp, &ahead);  // dv = P^T dO
   store(g, 2, 1.0f);
-  ahead.step();
 }
 
 int64_t head_flops(const Shape& s) { return std::max<int64_t>(1, s.seq * s.seq * s.head_dim); }
@@ -336,7 +328,7 @@ void attention_forward_cpu(const void* qkv, void* out, float* lse, int dtype, in
     add_qkv(ahead, qkv, s, b, esize);
     add_packed(ahead, out, s, b, hd, esize);
   };
-  for_each_head(s, threads, kForwardSteps, next_sample, [&](int64_t b, int64_t h, float* scratch, Ahead& ahead) {
+  for_each_head(s, threads, forward_steps(s), next_sample, [&](int64_t b, int64_t h, float* scratch, Ahead& ahead) {
     if (dtype == kFloat32) forward_head<kFloat32>(qkv, out, lse, s, b, h, scratch, ahead);
     else if (dtype == kBFloat16) forward_head<kBFloat16>(qkv, out, lse, s, b, h, scratch, ahead);
     else forward_head<kFloat16>(qkv, out, lse, s, b, h, scratch, ahead);
@@ -354,7 +346,7 @@ void attention_backward_cpu(const void* grad_out, const void* qkv, const void* o
     add_packed(ahead, out, s, b, hd, esize);
     add_packed(ahead, dqkv, s, b, 3 * hd, esize);
   };
-  for_each_head(s, threads, kBackwardSteps, next_sample, [&](int64_t b, int64_t h, float* scratch, Ahead& ahead) {
+  for_each_head(s, threads, backward_steps(s), next_sample, [&](int64_t b, int64_t h, float* scratch, Ahead& ahead) {
     if (dtype == kFloat32) backward_head<kFloat32>(grad_out, qkv, out, lse, dqkv, s, b, h, scratch, ahead);
     else if (dtype == kBFloat16) backward_head<kBFloat16>(grad_out, qkv, out, lse, dqkv, s, b, h, scratch, ahead);
     else backward_head<kFloat16>(grad_out, qkv, out, lse, dqkv, s, b, h, scratch, ahead);

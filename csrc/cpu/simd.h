@@ -238,13 +238,18 @@ MVF_INLINE void gemm_rows(const float* __restrict A, int64_t lda, const float* _
 }
 
 // C[M x NC] = op(A) * B[K x NC] with op(A) = A[M x K], or A^T for A stored (K x M) when TRANS_A
-// (see gemm_rows).
+// (see gemm_rows). With `ahead`, one ahead->step() per block of rows: gemm_row_blocks(M) of them.
+MVF_INLINE int64_t gemm_row_blocks(int64_t M) { return M / 6 + (M % 6 != 0); }
+
 template <bool TRANS_A = false>
 MVF_INLINE void gemm(const float* A, int64_t lda, const float* B, int64_t ldb, float* C, int64_t ldc,
-                     int64_t M, int64_t K, int64_t NC) {
+                     int64_t M, int64_t K, int64_t NC, Ahead* ahead = nullptr) {
   const int64_t row_step = TRANS_A ? 1 : lda;  // from one row of op(A) to the next
   int64_t m = 0;
-  for (; m + 6 <= M; m += 6) gemm_rows<6, TRANS_A>(A + m * row_step, lda, B, ldb, C + m * ldc, ldc, K, NC);
+  for (; m + 6 <= M; m += 6) {
+    gemm_rows<6, TRANS_A>(A + m * row_step, lda, B, ldb, C + m * ldc, ldc, K, NC);
+    if (ahead) ahead->step();
+  }
   A += m * row_step;
   C += m * ldc;
   switch (M - m) {
@@ -253,8 +258,9 @@ MVF_INLINE void gemm(const float* A, int64_t lda, const float* B, int64_t ldb, f
     case 3: gemm_rows<3, TRANS_A>(A, lda, B, ldb, C, ldc, K, NC); break;
     case 2: gemm_rows<2, TRANS_A>(A, lda, B, ldb, C, ldc, K, NC); break;
     case 1: gemm_rows<1, TRANS_A>(A, lda, B, ldb, C, ldc, K, NC); break;
-    default: break;
+    default: return;
   }
+  if (ahead) ahead->step();
 }
 
 // ---- Row helpers shared by the fused layers (mlp.cpp) and the autocast layers (autocast.cpp) ----
