@@ -112,9 +112,10 @@ MVF_INLINE void load_columns(const void* src, const Shape& s, const Row& row, fl
 // queries. Softmax statistics are then per-lane (vertical) maxima and sums over rows, with no
 // horizontal reductions and no ragged tails (the lanes are padded to np; the padded queries score 0
 // and are never stored).
-// Each head calls ahead.step() once per block of rows of each of its products (the forward has two,
-// the backward five): the next sample's lines are
-// requested over the current sample's heads (see Ahead in simd.h).
+// Each head calls ahead.step() once per block of six rows of each of its products (the forward has
+// two, the backward five), so the next sample's lines are requested a few at a time over the current
+// sample's heads (see Ahead in simd.h). Once between phases, each request was a burst of ~170 lines
+// that stalled on the core's line-fill buffers (15% of backward_head).
 MVF_INLINE int64_t forward_steps(const Shape& s) { return 2 * gemm_row_blocks(s.seq); }
 MVF_INLINE int64_t backward_steps(const Shape& s) { return 5 * gemm_row_blocks(s.seq); }
 

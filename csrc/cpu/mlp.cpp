@@ -48,7 +48,7 @@ struct Tiles {
                               int64_t K, float* __restrict C, int64_t ldc, int64_t c0, int64_t n,
                               const float* __restrict bias, const float* __restrict res) {
     // The lines this tile writes (and, accumulating, reads) are requested for writing during the K
-    // loop, one row's lines after each MR-th of it: an output the caller has not touched recently
+    // loop, one row's lines at the start of each MR-th part of it: an output the caller has not touched recently
     // (every fresh activation) otherwise stalls each store on a read-for-ownership, and requesting
     // all MR x NV lines at once, before the loop, stalled on the core's line-fill buffers instead
     // (~10% of the pre-norm linear's forward in a profile of the training step).
