@@ -134,9 +134,9 @@ def test_cpp_conversions_are_exact(dtype):
     assert torch.equal(out[0, 0], expected) and torch.equal(out[0, 1], expected)
 
 
-# (B, H, N, Dh) with heads big enough that each is worth a thread: one sample (split by head), fewer
-# samples than two per thread (split by head), and ranges of samples per thread (uneven for 2 and 3
-# threads), from which a thread that finishes first takes the others' last samples.
+# (B, H, N, Dh) with heads big enough that each is worth a thread: one sample and three (ranges of
+# (sample, head) tasks that split samples between threads), and seven (ranges uneven for 2 and 3
+# threads), from which a thread that finishes first takes the others' last tasks.
 @pytest.mark.parametrize("shape", [(4, 3, 33, 32), (1, 3, 65, 64), (3, 2, 65, 64), (7, 2, 65, 64)], ids=shape_id)
 def test_cpp_independent_of_thread_count(shape):
     """The same bits for every thread count and schedule; more threads than cores (4 here) get

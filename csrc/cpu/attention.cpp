@@ -228,75 +228,68 @@ int64_t scratch_floats(const Shape& s) {
 // next_sample(b, ahead) adds sample b's lines, which are requested over the heads of the sample before
 // it when the same thread computes both.
 //
-// Each thread owns a contiguous range of samples (the rows the fused layers before and after give
-// the same thread, so they are in its caches) and works through it from the front; a thread that
-// finishes first takes the other ranges' last samples, one at a time, from the back. (Static halves
-// alone left one thread idle for 6-10% of every call; handing out blocks first-come lost the cache
-// affinity and was 1% slower on the whole step.) A range is one 64-bit word, front and back, changed
-// by compare-and-swap. Every head's outputs depend on its inputs only, so the results are the same
-// whatever the schedule. Few samples (fewer than two per thread) are split by (sample, head) instead.
+// The tasks t = b * heads + h are split into one contiguous range per thread (the rows the fused
+// layers before and after give the same thread, so they are in its caches); each thread works
+// through its range from the front, and a thread that finishes first takes the other ranges' last
+// tasks, one at a time, from the back. (Static ranges alone left one thread idle for 6-10% of every
+// call; handing out blocks first-come lost the cache affinity and was 1% slower on the whole step.)
+// A range is one 64-bit word, front and back, changed by compare-and-swap. Every head's outputs
+// depend on its inputs only, so the results are the same whatever the schedule.
 template <class Head, class Next>
 void for_each_head(const Shape& s, int threads, int64_t steps, const Next& next_sample, const Head& head) {
-  const int64_t H = s.heads, B = s.batch;
-  // ~256k multiply-adds per chunk before another thread is worth waking.
+  const int64_t H = s.heads, tasks = s.batch * H;
+  // ~256k multiply-adds per range before another thread is worth waking.
   const int64_t grain = std::max<int64_t>(1, (int64_t{1} << 18) / head_flops(s));
-  const int64_t workers = std::min<int64_t>(std::max(1, threads), std::max<int64_t>(1, B * H / grain));
-  if (B < 2 * workers || B >= (int64_t{1} << 31)) {
-    parallel_for(B * H, grain, threads, [&](int64_t begin, int64_t end) {
+  struct alignas(64) Range {
+    std::atomic<uint64_t> bounds;  // front in the low 32 bits, back (one past the last) in the high
+  };
+  // Task indices are kept relative to `base` in 32 bits: more tasks than fit run in spans.
+  constexpr int64_t kSpan = (int64_t{1} << 32) - 1;
+  for (int64_t base = 0; base < tasks; base += kSpan) {
+    const int64_t count = std::min(kSpan, tasks - base);
+    const int64_t workers = std::min<int64_t>(std::max(1, threads), std::max<int64_t>(1, count / grain));
+    std::vector<Range> ranges(static_cast<size_t>(workers));
+    for (int64_t w = 0; w < workers; ++w) {
+      const auto front = static_cast<uint64_t>(count * w / workers), back = static_cast<uint64_t>(count * (w + 1) / workers);
+      ranges[w].bounds.store(front | back << 32, std::memory_order_relaxed);
+    }
+    // The task at range r's front (from_back false) or back, or -1 when the range is used up.
+    const auto take = [&](int64_t r, bool from_back) -> int64_t {
+      std::atomic<uint64_t>& bounds = ranges[r].bounds;
+      uint64_t old = bounds.load(std::memory_order_relaxed);
+      for (;;) {
+        const uint64_t front = old & 0xffffffffu, back = old >> 32;
+        if (front >= back) return -1;
+        const uint64_t next = from_back ? front | (back - 1) << 32 : (front + 1) | back << 32;
+        if (bounds.compare_exchange_weak(old, next, std::memory_order_relaxed))
+          return base + static_cast<int64_t>(from_back ? back - 1 : front);
+      }
+    };
+    // One past the last task range r still holds (the ones after it are done or being done elsewhere).
+    const auto end_of = [&](int64_t r) {
+      return base + static_cast<int64_t>(ranges[r].bounds.load(std::memory_order_relaxed) >> 32);
+    };
+    parallel_for(workers, 1, static_cast<int>(workers), [&](int64_t w, int64_t) {
       std::vector<float> scratch(static_cast<size_t>(scratch_floats(s)));
       Ahead ahead;
-      for (int64_t t = begin; t < end; ++t) {
+      bool first = true;
+      for (int64_t t = take(w, false); t >= 0; t = take(w, false), first = false) {
         const int64_t b = t / H, h = t % H;
-        if (h == 0 || t == begin) {
+        // Starting a sample: its successor's lines, if it is still in this thread's range (another
+        // thread may yet take it: the prefetch is then wasted, not wrong), over this sample's heads.
+        if (h == 0 || first) {
           ahead = Ahead{};
-          if ((b + 1) * H < end) next_sample(b + 1, ahead);
+          if ((b + 1) * H < end_of(w)) next_sample(b + 1, ahead);
           ahead.pace((H - h) * steps);
         }
         head(b, h, scratch.data(), ahead);
       }
+      // Own range done: the others' last tasks.
+      Ahead none;
+      for (int64_t r = (w + 1) % workers; r != w; r = (r + 1) % workers)
+        for (int64_t t = take(r, true); t >= 0; t = take(r, true)) head(t / H, t % H, scratch.data(), none);
     });
-    return;
   }
-  struct alignas(64) Range {
-    std::atomic<uint64_t> bounds;  // front in the low 32 bits, back (one past the last) in the high
-  };
-  std::vector<Range> ranges(static_cast<size_t>(workers));
-  for (int64_t w = 0; w < workers; ++w) {
-    const uint64_t front = static_cast<uint64_t>(B * w / workers), back = static_cast<uint64_t>(B * (w + 1) / workers);
-    ranges[w].bounds.store(front | back << 32, std::memory_order_relaxed);
-  }
-  // The sample at range r's front (from_back false) or back, or -1 when the range is used up.
-  const auto take = [&](int64_t r, bool from_back) -> int64_t {
-    std::atomic<uint64_t>& bounds = ranges[r].bounds;
-    uint64_t old = bounds.load(std::memory_order_relaxed);
-    for (;;) {
-      const uint64_t front = old & 0xffffffffu, back = old >> 32;
-      if (front >= back) return -1;
-      const uint64_t next = from_back ? front | (back - 1) << 32 : (front + 1) | back << 32;
-      if (bounds.compare_exchange_weak(old, next, std::memory_order_relaxed))
-        return static_cast<int64_t>(from_back ? back - 1 : front);
-    }
-  };
-  parallel_for(workers, 1, static_cast<int>(workers), [&](int64_t w, int64_t) {
-    std::vector<float> scratch(static_cast<size_t>(scratch_floats(s)));
-    Ahead ahead;
-    for (int64_t b = take(w, false); b >= 0;) {
-      // The next sample of the range is this thread's unless another takes it meanwhile (the
-      // prefetch is then wasted, not wrong).
-      const int64_t next = take(w, false);
-      ahead = Ahead{};
-      if (next >= 0) next_sample(next, ahead);
-      ahead.pace(H * steps);
-      for (int64_t h = 0; h < H; ++h) head(b, h, scratch.data(), ahead);
-      b = next;
-    }
-    // Own range done: the others' last samples.
-    for (int64_t r = (w + 1) % workers; r != w; r = (r + 1) % workers)
-      for (int64_t b = take(r, true); b >= 0; b = take(r, true)) {
-        Ahead none;
-        for (int64_t h = 0; h < H; ++h) head(b, h, scratch.data(), none);
-      }
-  });
 }
 
 MVF_INLINE int64_t element_bytes(int dtype) { return dtype == kFloat32 ? 4 : 2; }

@@ -166,7 +166,8 @@ struct Ahead {
     int64_t lines = 0;
     for (int i = 0; i < kRanges; ++i)
       if (next[i]) lines += (end[i] - next[i] + 63) / 64;
-    lines_per_step = (lines + std::max<int64_t>(1, steps) - 1) / std::max<int64_t>(1, steps);
+    steps = std::max<int64_t>(1, steps);
+    lines_per_step = (lines + steps - 1) / steps;
   }
   MVF_INLINE void step() {
     int64_t left = lines_per_step;
