@@ -163,31 +163,34 @@ PYBIND11_MODULE(_C, m) {
 
   m.def(
       "norm_linear_forward_cpu",
-      [](uintptr_t x, uintptr_t norm_weight, uintptr_t norm_bias, float eps, uintptr_t w, uintptr_t b, uintptr_t out,
-         uintptr_t mean, uintptr_t rstd, int64_t rows, int64_t dim, int64_t out_dim, int threads) {
+      [](uintptr_t x, uintptr_t norm_weight, uintptr_t norm_bias, float eps, uintptr_t w, uintptr_t b,
+         uintptr_t addend, uintptr_t out, uintptr_t mean, uintptr_t rstd, int64_t rows, int64_t dim, int64_t out_dim,
+         int threads) {
         py::gil_scoped_release release;
         norm_linear_forward_cpu(ptr<const float>(x), ptr<const float>(norm_weight), ptr<const float>(norm_bias), eps,
-                                ptr<const float>(w), ptr<const float>(b), ptr<float>(out), ptr<float>(mean),
-                                ptr<float>(rstd), rows, dim, out_dim, threads);
+                                ptr<const float>(w), ptr<const float>(b), ptr<const float>(addend), ptr<float>(out),
+                                ptr<float>(mean), ptr<float>(rstd), rows, dim, out_dim, threads);
       },
       py::arg("x"), py::arg("norm_weight"), py::arg("norm_bias"), py::arg("eps"), py::arg("w"), py::arg("b"),
-      py::arg("out"), py::arg("mean"), py::arg("rstd"), py::arg("rows"), py::arg("dim"), py::arg("out_dim"),
-      py::arg("threads"));
+      py::arg("addend"), py::arg("out"), py::arg("mean"), py::arg("rstd"), py::arg("rows"), py::arg("dim"),
+      py::arg("out_dim"), py::arg("threads"));
 
   m.def(
       "norm_linear_backward_cpu",
       [](uintptr_t grad_out, uintptr_t x, uintptr_t mean, uintptr_t rstd, uintptr_t norm_weight, uintptr_t norm_bias,
-         uintptr_t w, uintptr_t dx, uintptr_t dnorm_weight, uintptr_t dnorm_bias, uintptr_t dw, uintptr_t db,
-         int64_t rows, int64_t dim, int64_t out_dim, int threads) {
+         uintptr_t w, uintptr_t addend, uintptr_t dx, uintptr_t dnorm_weight, uintptr_t dnorm_bias, uintptr_t dw,
+         uintptr_t db, int64_t rows, int64_t dim, int64_t out_dim, int threads) {
         py::gil_scoped_release release;
         norm_linear_backward_cpu(ptr<const float>(grad_out), ptr<const float>(x), ptr<const float>(mean),
                                  ptr<const float>(rstd), ptr<const float>(norm_weight), ptr<const float>(norm_bias),
-                                 ptr<const float>(w), ptr<float>(dx), ptr<float>(dnorm_weight),
-                                 ptr<float>(dnorm_bias), ptr<float>(dw), ptr<float>(db), rows, dim, out_dim, threads);
+                                 ptr<const float>(w), ptr<const float>(addend), ptr<float>(dx),
+                                 ptr<float>(dnorm_weight), ptr<float>(dnorm_bias), ptr<float>(dw), ptr<float>(db), rows,
+                                 dim, out_dim, threads);
       },
       py::arg("grad_out"), py::arg("x"), py::arg("mean"), py::arg("rstd"), py::arg("norm_weight"),
-      py::arg("norm_bias"), py::arg("w"), py::arg("dx"), py::arg("dnorm_weight"), py::arg("dnorm_bias"), py::arg("dw"),
-      py::arg("db"), py::arg("rows"), py::arg("dim"), py::arg("out_dim"), py::arg("threads"));
+      py::arg("norm_bias"), py::arg("w"), py::arg("addend"), py::arg("dx"), py::arg("dnorm_weight"),
+      py::arg("dnorm_bias"), py::arg("dw"), py::arg("db"), py::arg("rows"), py::arg("dim"), py::arg("out_dim"),
+      py::arg("threads"));
 
   // The autocast layers' elementwise kernels (cpu/autocast.cpp).
   m.def(

@@ -43,15 +43,17 @@ void mlp_backward_cpu(const float* grad_out, const float* x, const float* mean, 
                       const float* w2, float* dx, float* dw1, float* db1, float* dw2, float* db2, float* dnorm_weight,
                       float* dnorm_bias, const float* hidden_in, int64_t rows, int64_t dim, int64_t hidden,
                       int threads);
-// LayerNorm then one Linear, float32: out (rows, out_dim) = LN(x) w^T + b, w (out_dim, dim); mean and
-// rstd (rows) are written for the backward, which recomputes the normalised rows.
+// LayerNorm then one Linear, float32: out (rows, out_dim) = LN(x) w^T + b (+ addend), w (out_dim, dim);
+// mean and rstd (rows) are written for the backward, which recomputes the normalised rows. A null
+// norm_weight means no LayerNorm (norm_bias, mean, rstd unused; no dnorm outputs). The backward adds
+// addend (rows x dim, or null) to dx: a residual's gradient.
 void norm_linear_forward_cpu(const float* x, const float* norm_weight, const float* norm_bias, float eps,
-                             const float* w, const float* b, float* out, float* mean, float* rstd, int64_t rows,
-                             int64_t dim, int64_t out_dim, int threads);
+                             const float* w, const float* b, const float* addend, float* out, float* mean, float* rstd,
+                             int64_t rows, int64_t dim, int64_t out_dim, int threads);
 void norm_linear_backward_cpu(const float* grad_out, const float* x, const float* mean, const float* rstd,
-                              const float* norm_weight, const float* norm_bias, const float* w, float* dx,
-                              float* dnorm_weight, float* dnorm_bias, float* dw, float* db, int64_t rows, int64_t dim,
-                              int64_t out_dim, int threads);
+                              const float* norm_weight, const float* norm_bias, const float* w, const float* addend,
+                              float* dx, float* dnorm_weight, float* dnorm_bias, float* dw, float* db, int64_t rows,
+                              int64_t dim, int64_t out_dim, int threads);
 // The pre-norm block's elementwise work under CPU bfloat16 autocast (cpu/autocast.cpp); bf16 and
 // float16 tensors cross as uint16_t. All tensors contiguous, rows x cols (or dim).
 void layer_norm_bf16_forward_cpu(const float* x, const float* gamma, const float* beta, float eps, uint16_t* out,

@@ -477,16 +477,23 @@ def _prenorm_linear_op(x: torch.Tensor, norm_weight: torch.Tensor, norm_bias: to
     return _linear_forward(x, norm_weight, norm_bias, eps, w, b)
 
 
-def _linear_forward(x, norm_weight, norm_bias, eps, w, b):
-    x, norm_weight, norm_bias, w, b = _contiguous(x, norm_weight, norm_bias, w, b)
+def _linear_forward(x, norm_weight, norm_bias, eps, w, b, addend=None):
+    """(out, mean, rstd): out = LN(x) w^T + b (+ addend); norm_weight None: no LayerNorm (mean and
+    rstd None). Validated tensors: float32, CPU, x (M, D), w (out, D), b (out,), addend (M, out)."""
+    x, w, b = _contiguous(x, w, b)
     rows, dim = x.shape
     out_dim = w.shape[0]
     out = new_output((rows, out_dim), x.dtype, x.device)
-    mean = new_output((rows,), x.dtype, x.device)
-    rstd = new_output((rows,), x.dtype, x.device)
-    _ext._C.norm_linear_forward_cpu(x.data_ptr(), norm_weight.data_ptr(), norm_bias.data_ptr(), float(eps), w.data_ptr(),
-                                    b.data_ptr(), out.data_ptr(), mean.data_ptr(), rstd.data_ptr(), rows, dim, out_dim,
-                                    torch.get_num_threads())
+    mean = rstd = None
+    if norm_weight is not None:
+        norm_weight, norm_bias = _contiguous(norm_weight, norm_bias)
+        mean = new_output((rows,), x.dtype, x.device)
+        rstd = new_output((rows,), x.dtype, x.device)
+    if addend is not None:
+        (addend,) = _contiguous(addend)
+    _ext._C.norm_linear_forward_cpu(x.data_ptr(), _ptr(norm_weight), _ptr(norm_bias), float(eps), w.data_ptr(),
+                                    b.data_ptr(), _ptr(addend), out.data_ptr(), _ptr(mean), _ptr(rstd), rows, dim,
+                                    out_dim, torch.get_num_threads())
     return out, mean, rstd
 
 
@@ -523,16 +530,22 @@ def _prenorm_linear_backward_op(grad_out: torch.Tensor, x: torch.Tensor, mean: t
     return _linear_backward_kernel(grad_out, x, mean, rstd, norm_weight, norm_bias, w)
 
 
-def _linear_backward_kernel(grad_out, x, mean, rstd, norm_weight, norm_bias, w):
-    grad_out, x, mean, rstd, norm_weight, norm_bias, w = _contiguous(grad_out, x, mean, rstd, norm_weight, norm_bias, w)
+def _linear_backward_kernel(grad_out, x, mean, rstd, norm_weight, norm_bias, w, addend=None):
+    """(dx, dnorm_weight, dnorm_bias, dw, db) of _linear_forward; dx has addend (M, D) added (a
+    residual's gradient); without a norm (norm_weight None) the dnorm outputs are None."""
+    grad_out, x, w = _contiguous(grad_out, x, w)
     rows, dim = x.shape
     out_dim = w.shape[0]
-    dx, dnw, dnb, dw, db = [new_output(shape, x.dtype, x.device)
-                            for shape in ((rows, dim), (dim,), (dim,), (out_dim, dim), (out_dim,))]
-    _ext._C.norm_linear_backward_cpu(grad_out.data_ptr(), x.data_ptr(), mean.data_ptr(), rstd.data_ptr(),
-                                     norm_weight.data_ptr(), norm_bias.data_ptr(), w.data_ptr(), dx.data_ptr(),
-                                     dnw.data_ptr(), dnb.data_ptr(), dw.data_ptr(), db.data_ptr(), rows, dim, out_dim,
-                                     torch.get_num_threads())
+    dx, dw, db = [new_output(shape, x.dtype, x.device) for shape in ((rows, dim), (out_dim, dim), (out_dim,))]
+    dnw = dnb = None
+    if norm_weight is not None:
+        mean, rstd, norm_weight, norm_bias = _contiguous(mean, rstd, norm_weight, norm_bias)
+        dnw, dnb = new_output((dim,), x.dtype, x.device), new_output((dim,), x.dtype, x.device)
+    if addend is not None:
+        (addend,) = _contiguous(addend)
+    _ext._C.norm_linear_backward_cpu(grad_out.data_ptr(), x.data_ptr(), _ptr(mean), _ptr(rstd), _ptr(norm_weight),
+                                     _ptr(norm_bias), w.data_ptr(), _ptr(addend), dx.data_ptr(), _ptr(dnw), _ptr(dnb),
+                                     dw.data_ptr(), db.data_ptr(), rows, dim, out_dim, torch.get_num_threads())
     return dx, dnw, dnb, dw, db
 
 
@@ -587,9 +600,11 @@ def prenorm_linear(x, norm_weight, norm_bias, eps, w, b, *, backend=None):
 # --------------------------------------------------------------------------- #
 class _EagerAttentionHalf(torch.autograd.Function):
     """float32, eager, CPU: the fused LayerNorm + qkv kernel, the cpp attention kernels and the
-    projection (torch's GEMM) in one node, the residual added in place and its gradient added to the
-    LayerNorm's in place: no separate add, gradient-accumulation or bias-sum passes, one autograd
-    node instead of four (bit-identical to the separate ops)."""
+    projection in one node. The projection is the same kernel without its norm: bias and residual
+    added in the GEMM's epilogue, and in the backward dA, dW and the bias' column sums in one pass
+    over the rows (per-thread sums, as the other layers), and the residual's gradient added to dx
+    in the LayerNorm's backward. No separate add, bias-sum or gradient-accumulation passes; one
+    autograd node instead of four."""
 
     @staticmethod
     def forward(ctx, x, norm_weight, norm_bias, eps, w_qkv, b_qkv, w_proj, b_proj, num_heads):
@@ -599,8 +614,7 @@ class _EagerAttentionHalf(torch.autograd.Function):
         qkv = qkv.view(B, N, 3 * D)
         attended, lse = _attention_forward(qkv, num_heads, new_output((B, N, D), x.dtype, x.device),
                                            new_output((B, num_heads, N), torch.float32, x.device))
-        out = torch.addmm(b_proj, attended.view(B * N, D), w_proj.t())
-        out += x2d
+        out, _, _ = _linear_forward(attended.view(B * N, D), None, None, 0.0, w_proj, b_proj, addend=x2d)
         ctx.save_for_backward(x2d, mean, rstd, norm_weight, norm_bias, w_qkv, qkv, attended, lse, w_proj)
         ctx.num_heads = num_heads
         return out.view(B, N, D)
@@ -610,15 +624,13 @@ class _EagerAttentionHalf(torch.autograd.Function):
     def backward(ctx, grad):
         x2d, mean, rstd, norm_weight, norm_bias, w_qkv, qkv, attended, lse, w_proj = ctx.saved_tensors
         B, N, D = grad.shape
-        grad = grad.reshape(B * N, D).contiguous()
-        d_attended = torch.mm(grad, w_proj)
-        dw_proj = torch.mm(grad.t(), attended.view(B * N, D))
-        db_proj = grad.sum(0)
+        grad = grad.reshape(B * N, D)
+        d_attended, _, _, dw_proj, db_proj = _linear_backward_kernel(grad, attended.view(B * N, D), None, None, None,
+                                                                     None, w_proj)
         dqkv = _attention_backward(d_attended.view(B, N, D), qkv, attended, lse, ctx.num_heads,
                                    new_output(qkv.shape, qkv.dtype, qkv.device))
         dx, dnw, dnb, dw_qkv, db_qkv = _linear_backward_kernel(dqkv.view(B * N, 3 * D), x2d, mean, rstd, norm_weight,
-                                                               norm_bias, w_qkv)
-        dx += grad
+                                                               norm_bias, w_qkv, addend=grad)
         return dx.view(B, N, D), dnw, dnb, None, dw_qkv, db_qkv, dw_proj, db_proj, None
 
 
