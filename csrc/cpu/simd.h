@@ -180,6 +180,11 @@ struct Ahead {
 // two ymm in the AVX2 clone (12 accumulators + operands fit its 16 registers), four xmm in the
 // baseline clone (which spills; it only runs on CPUs older than AVX2).
 typedef float vec16 __attribute__((vector_size(64)));
+// The same at any float-aligned address: a load or store through it is one (unaligned) vector
+// instruction. (Where both branches of `count == 16 ? 16 : count` floats were copied with memcpy, GCC
+// merged them into one memcpy of count floats: a library call for every vector, its registers
+// spilled around it.)
+typedef float vec16u __attribute__((vector_size(64), aligned(4), may_alias));
 
 // A 16 x 16 block transposed in registers: four butterfly stages, each swapping the off-diagonal
 // S x S sub-blocks (row bit S with lane bit S) with two-input shuffles (vpermt2ps on AVX-512).
@@ -285,8 +290,9 @@ MVF_INLINE void gelu_and_grad(float x, float& value, float& grad) {
   grad = tail ? (z > 0.0f ? 1.0f : 0.0f) : cdf + x * e * 0.39894228040143268f;
 }
 
-// The first `count` floats at p, zeros after.
+// The first `count` floats at p, zeros after; a full vector in one load (see vec16u).
 MVF_INLINE vec16 load_lanes(const float* p, int64_t count) {
+  if (count == 16) return *reinterpret_cast<const vec16u*>(p);
   vec16 v{};
   std::memcpy(&v, p, static_cast<size_t>(count) * sizeof(float));
   return v;
