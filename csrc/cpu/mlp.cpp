@@ -86,8 +86,7 @@ struct Tiles {
           std::memcpy(&old, dst, sizeof old);
           value += old;
         }
-        if (count == 16) *reinterpret_cast<vec16u*>(dst) = value;
-        else std::memcpy(dst, &value, static_cast<size_t>(count) * sizeof(float));
+        store_lanes(dst, value, count);
       }
     }
   }

@@ -298,6 +298,12 @@ MVF_INLINE vec16 load_lanes(const float* p, int64_t count) {
   return v;
 }
 
+// v's first `count` lanes to p; a full vector in one store (see vec16u).
+MVF_INLINE void store_lanes(float* p, const vec16& v, int64_t count) {
+  if (count == 16) *reinterpret_cast<vec16u*>(p) = v;
+  else std::memcpy(p, &v, static_cast<size_t>(count) * sizeof(float));
+}
+
 MVF_INLINE float hsum(const vec16& v) {
   float lanes[16];
   std::memcpy(lanes, &v, sizeof lanes);

@@ -165,7 +165,8 @@ def _check_backward(grad_out, x, w1, b1, w2, op="mlp_backward"):
 
 
 def _contiguous(*tensors):
-    return [t.contiguous() for t in tensors]
+    """Each tensor contiguous; None (an optional argument left out) stays None."""
+    return [None if t is None else t.contiguous() for t in tensors]
 
 
 @torch.library.custom_op("mvmae_fast::mlp", mutates_args=())
@@ -480,17 +481,14 @@ def _prenorm_linear_op(x: torch.Tensor, norm_weight: torch.Tensor, norm_bias: to
 def _linear_forward(x, norm_weight, norm_bias, eps, w, b, addend=None):
     """(out, mean, rstd): out = LN(x) w^T + b (+ addend); norm_weight None: no LayerNorm (mean and
     rstd None). Validated tensors: float32, CPU, x (M, D), w (out, D), b (out,), addend (M, out)."""
-    x, w, b = _contiguous(x, w, b)
+    x, norm_weight, norm_bias, w, b, addend = _contiguous(x, norm_weight, norm_bias, w, b, addend)
     rows, dim = x.shape
     out_dim = w.shape[0]
     out = new_output((rows, out_dim), x.dtype, x.device)
     mean = rstd = None
     if norm_weight is not None:
-        norm_weight, norm_bias = _contiguous(norm_weight, norm_bias)
         mean = new_output((rows,), x.dtype, x.device)
         rstd = new_output((rows,), x.dtype, x.device)
-    if addend is not None:
-        (addend,) = _contiguous(addend)
     _ext._C.norm_linear_forward_cpu(x.data_ptr(), _ptr(norm_weight), _ptr(norm_bias), float(eps), w.data_ptr(),
                                     b.data_ptr(), _ptr(addend), out.data_ptr(), _ptr(mean), _ptr(rstd), rows, dim,
                                     out_dim, torch.get_num_threads())
@@ -533,16 +531,14 @@ def _prenorm_linear_backward_op(grad_out: torch.Tensor, x: torch.Tensor, mean: t
 def _linear_backward_kernel(grad_out, x, mean, rstd, norm_weight, norm_bias, w, addend=None):
     """(dx, dnorm_weight, dnorm_bias, dw, db) of _linear_forward; dx has addend (M, D) added (a
     residual's gradient); without a norm (norm_weight None) the dnorm outputs are None."""
-    grad_out, x, w = _contiguous(grad_out, x, w)
+    grad_out, x, mean, rstd, norm_weight, norm_bias, w, addend = _contiguous(grad_out, x, mean, rstd, norm_weight,
+                                                                             norm_bias, w, addend)
     rows, dim = x.shape
     out_dim = w.shape[0]
     dx, dw, db = [new_output(shape, x.dtype, x.device) for shape in ((rows, dim), (out_dim, dim), (out_dim,))]
     dnw = dnb = None
     if norm_weight is not None:
-        mean, rstd, norm_weight, norm_bias = _contiguous(mean, rstd, norm_weight, norm_bias)
         dnw, dnb = new_output((dim,), x.dtype, x.device), new_output((dim,), x.dtype, x.device)
-    if addend is not None:
-        (addend,) = _contiguous(addend)
     _ext._C.norm_linear_backward_cpu(grad_out.data_ptr(), x.data_ptr(), _ptr(mean), _ptr(rstd), _ptr(norm_weight),
                                      _ptr(norm_bias), w.data_ptr(), _ptr(addend), dx.data_ptr(), _ptr(dnw), _ptr(dnb),
                                      dw.data_ptr(), db.data_ptr(), rows, dim, out_dim, torch.get_num_threads())
