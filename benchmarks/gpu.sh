@@ -24,17 +24,25 @@ export TRITON_INTERPRET=0
 # (in parallel where pytest-xdist is installed: the Triton compilations dominate, ~1.5 min on 16 cores)
 parallel=()
 "$py" -c "import xdist" 2>/dev/null && parallel=(-n 8)
-has tests && "$py" -m pytest tests/test_cuda.py tests/test_cuda_kernels.py -q -rs "${parallel[@]}"
+has tests && "$py" -m pytest tests/test_cuda.py tests/test_cuda_kernels.py tests/test_autocast_triton_layers.py \
+    -q -rs "${parallel[@]}"
 
 # The training entrypoint on the GPU: a short MV-MAE run (bf16 autocast), eager and compiled.
 if has train; then
     run_dir=$(mktemp -d)
     "$py" train/pretrain.py --epochs 1 --max-batches-per-epoch 20 --output-dir "$run_dir/eager"
     "$py" train/pretrain.py --epochs 1 --max-batches-per-epoch 20 --compile --output-dir "$run_dir/compiled"
+    MVMAE_FAST_CUDA_AUTOCAST_LAYERS=1 "$py" train/pretrain.py --epochs 1 --max-batches-per-epoch 20 \
+        --output-dir "$run_dir/autocast_layers"
 fi
 has bench || exit 0
 
 gpu=$("$py" -c "import torch; print(torch.cuda.get_device_name().replace(' ', '_'))")
+# The opt-in CUDA autocast layers (mae+layers, mvmae+layers) against the shipped eager path and the
+# reference, ViT-B then ViT-L.
+"$py" benchmarks/cuda_step.py --providers reference mae mvmae | tee "$results/${gpu}_autocast_layers.log"
+"$py" benchmarks/cuda_step.py --providers reference mae --preset vit_large_patch16 --batch 128 \
+    | tee -a "$results/${gpu}_autocast_layers.log"
 if "$py" -c "import pytest_benchmark" 2>/dev/null; then
     eval "extra=(${BENCH_ARGS:-})"
     "$py" -m pytest benchmarks/ --benchmark-only -q --benchmark-json "$results/$gpu.json" "${extra[@]}"

@@ -18,19 +18,21 @@ Automatic choice: ``cpp`` for float32 CPU tensors outside CPU autocast when the 
 stays under :data:`MAX_CPP_WORKSPACE_BYTES`; under CPU bfloat16 autocast, :func:`prenorm_mlp` and
 :func:`prenorm_linear` run the autocast layers (autocast.py: autocast's own bfloat16 GEMMs on the
 CPU's AMX / AVX512-BF16 units, which no float32 kernel matches, with the elementwise work in the
-extension) and :func:`mlp` runs torch; ``torch`` otherwise (and on CUDA, where cuBLAS and inductor's
-fusions serve). A forced ``cpp`` backend runs the float32 kernel whenever it can (float32 CPU
-tensors, autocast or not) and raises :class:`~mvmae_fast.UnsupportedBackendError` saying why when
-it cannot. In eager mode the kernels are called from autograd Functions rather than through the
-custom ops (same kernels, without the custom ops' Python dispatch); :func:`fused_attention_half`
-is the block's first half as one such node.
+extension) and :func:`mlp` runs torch; under CUDA autocast, with ``MVMAE_FAST_CUDA_AUTOCAST_LAYERS=1``,
+they run the same layers with Triton elementwise kernels (autocast_triton.py); ``torch`` otherwise
+(and on CUDA by default, where cuBLAS and inductor's fusions serve). A forced ``cpp`` backend runs
+the float32 kernel whenever it can (float32 CPU tensors, autocast or not) and raises
+:class:`~mvmae_fast.UnsupportedBackendError` saying why when it cannot. In eager mode the kernels
+are called from autograd Functions rather than through the custom ops (same kernels, without the
+custom ops' Python dispatch); :func:`fused_attention_half` is the block's first half as one such
+node.
 """
 
 import torch
 
 from ... import _ext, backends
 from ..._utils import check_int, check_same_device, check_tensor, direct_kernel_calls, new_output
-from ..attention import MAX_CPP_SEQ_LEN
+from ..attention import MAX_CPP_SEQ_LEN, MAX_KERNEL_HEAD_DIM
 from ..attention import _cpp_backward as _attention_backward
 from ..attention import _cpp_forward as _attention_forward
 from . import autocast, reference
@@ -634,12 +636,20 @@ def fused_attention_half(x, norm_weight, norm_bias, eps, w_qkv, b_qkv, w_proj, b
     """``x + linear(attention(prenorm_linear(x, ...), num_heads), w_proj, b_proj)`` as one autograd
     node when the automatic choice would run every piece on the extension in eager mode: under CPU
     bfloat16 autocast the autocast layers' version (autocast.py), for float32 CPU tensors outside
-    autocast the float32 one; None otherwise (and under a forced backend), for the caller to run the
-    pieces. x (B, N, D), the weights those of nn.LayerNorm(D), nn.Linear(D, 3D) and nn.Linear(D, D)."""
+    autocast the float32 one, under CUDA autocast the autocast layers' Triton version when switched
+    on (autocast.CUDA_LAYERS_ENV) and the head dim is at most MAX_KERNEL_HEAD_DIM; None otherwise
+    (and under a forced backend), for the caller to run the pieces. x (B, N, D), the weights those of
+    nn.LayerNorm(D), nn.Linear(D, 3D) and nn.Linear(D, D)."""
     _check_attention_half(x, norm_weight, norm_bias, eps, w_qkv, b_qkv, w_proj, b_proj, num_heads)
     tensors = (x, norm_weight, norm_bias, w_qkv, b_qkv, w_proj, b_proj)
     B, N, D = x.shape
-    if backends.requested_backend()[0] is not None or x.numel() == 0 or _ext._C is None or N > MAX_CPP_SEQ_LEN:
+    if backends.requested_backend()[0] is not None or x.numel() == 0:
+        return None
+    if x.device.type == "cuda":
+        if D // num_heads <= MAX_KERNEL_HEAD_DIM and autocast.supported(*tensors):
+            return autocast.attention_half(x, norm_weight, norm_bias, eps, w_qkv, b_qkv, w_proj, b_proj, num_heads)
+        return None
+    if _ext._C is None or N > MAX_CPP_SEQ_LEN:
         return None
     if autocast.supported(*tensors):
         return autocast.attention_half(x, norm_weight, norm_bias, eps, w_qkv, b_qkv, w_proj, b_proj, num_heads)

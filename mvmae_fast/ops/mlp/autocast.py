@@ -1,4 +1,4 @@
-"""The pre-norm block's layers under CPU bfloat16 autocast: autocast's arithmetic, fewer passes.
+"""The pre-norm block's layers under bfloat16 autocast: autocast's arithmetic, fewer passes.
 
 Under ``torch.autocast("cpu", dtype=torch.bfloat16)`` the reference computes LayerNorm in float32,
 casts its output to bfloat16 for the linear, runs the linears in bfloat16 (oneDNN's AMX / AVX512-BF16
@@ -23,23 +23,35 @@ gradients are float32 sums of the float32 products (autocast rounds them to bflo
 carries float16's rounding (2^-11 relative) before the product's bfloat16 rounding (2^-8). Weight
 gradients are bfloat16 GEMM results, as autocast's.
 
-The forward is autocast's bits (tested). Eager only: :func:`supported` is False while
+CUDA: the same Functions run under ``torch.autocast("cuda")`` in bfloat16 or float16 with the
+elementwise work in Triton (autocast_triton.py) and the Triton attention, cuBLAS for the GEMMs. They
+remove what the eager CUDA step's profile shows around the GEMMs (benchmarks/results/
+NVIDIA_H100_80GB_HBM3_profiles.txt): the LayerNorm outputs' float32 -> act casts and their gradients'
+casts back, GELU's backward recomputing erf, the bias gradients' separate column sums and the
+residual gradients' accumulation adds. They are tested under the Triton interpreter and by
+tests/test_cuda_kernels.py on a GPU, but their speed has not been measured on one yet, so they are
+opt-in: set ``MVMAE_FAST_CUDA_AUTOCAST_LAYERS=1`` (benchmarks/cuda_step.py compares both).
+
+The forward is autocast's bits on the CPU (tested). Eager only: :func:`supported` is False while
 ``torch.compile`` traces (inductor fuses the same elementwise work itself) or any other tracer,
-transform or dispatch mode is active, and for anything but float32 CPU tensors under CPU bfloat16
-autocast. The backward is once-differentiable (double backward raises).
+transform or dispatch mode is active, and for anything but float32 tensors under their device's
+autocast as above. The backward is once-differentiable (double backward raises).
 """
 
 import math
+import os
 import threading
 
 import torch
 
-from ... import _ext
-from ..._utils import POISON_OUTPUTS, direct_kernel_calls, new_output
-from ..attention import _cpp_backward as _attention_backward
-from ..attention import _cpp_forward as _attention_forward
+from ... import _ext, backends
+from ..._utils import POISON_OUTPUTS, device_guard, direct_kernel_calls, new_output
+from ..attention import _cpp_backward as _cpp_attention_backward
+from ..attention import _cpp_forward as _cpp_attention_forward
 
-_ACT_DTYPE = torch.bfloat16
+_ACT_DTYPE = torch.bfloat16  # the CPU kernels'
+_CUDA_ACT_DTYPES = (torch.bfloat16, torch.float16)
+CUDA_LAYERS_ENV = "MVMAE_FAST_CUDA_AUTOCAST_LAYERS"
 
 
 class _Workspace(threading.local):
@@ -67,164 +79,304 @@ _workspace = _Workspace()
 
 
 def supported(*tensors):
-    """Whether these tensors (x first) take the autocast path: CPU bfloat16 autocast is on, every
-    tensor is a float32 CPU tensor, the extension is built, and nothing is tracing or transforming
-    (_utils.direct_kernel_calls)."""
-    if not torch.is_autocast_enabled("cpu") or torch.get_autocast_dtype("cpu") != torch.bfloat16:
+    """Whether these tensors (x first) take the autocast path: float32 tensors in eager mode (nothing
+    tracing or transforming: _utils.direct_kernel_calls), and either on the CPU under CPU bfloat16
+    autocast with the extension built, or on CUDA under CUDA bfloat16 or float16 autocast with Triton
+    installed, rows of at most autocast_triton.MAX_DIM values, and the CUDA layers switched on
+    (CUDA_LAYERS_ENV=1)."""
+    if not direct_kernel_calls(*tensors):  # first: nothing below runs while torch.compile traces
         return False
-    if _ext._C is None or not direct_kernel_calls(*tensors):
+    device = tensors[0].device
+    if device.type == "cpu":
+        if not torch.is_autocast_enabled("cpu") or torch.get_autocast_dtype("cpu") != torch.bfloat16:
+            return False
+        if _ext._C is None:
+            return False
+    elif device.type == "cuda":
+        if not cuda_layers_enabled() or not torch.is_autocast_enabled("cuda"):
+            return False
+        if torch.get_autocast_dtype("cuda") not in _CUDA_ACT_DTYPES or backends.unavailable_reasons("triton", device):
+            return False
+        if _triton_kernels().check_dim(tensors[0].shape[-1]) is not None:
+            return False
+    else:
         return False
-    return all(t.device.type == "cpu" and t.dtype == torch.float32 for t in tensors)
+    return all(t.device == device and t.dtype == torch.float32 for t in tensors)
 
 
 def _new(shape, dtype=torch.float32):
-    """An output a kernel fills (poisoned in the tests, see _utils.new_output)."""
+    """A CPU output a kernel fills (poisoned in the tests, see _utils.new_output)."""
     return new_output(shape, dtype, "cpu")
 
 
-def _layer_norm(x2d, norm_weight, norm_bias, eps, threads):
-    rows, dim = x2d.shape
-    h, mean, rstd = _new((rows, dim), _ACT_DTYPE), _new((rows,)), _new((rows,))
-    _ext._C.layer_norm_bf16_forward_cpu(x2d.data_ptr(), norm_weight.data_ptr(), norm_bias.data_ptr(), float(eps),
-                                        h.data_ptr(), mean.data_ptr(), rstd.data_ptr(), rows, dim, threads)
-    return h, mean, rstd
+def cuda_layers_enabled():
+    """Whether CUDA_LAYERS_ENV is 1: the CUDA autocast layers are opt-in until measured on a GPU."""
+    return os.environ.get(CUDA_LAYERS_ENV, "").strip() == "1"
 
 
-def _layer_norm_backward(dh, x2d, mean, rstd, norm_weight, residual, threads):
-    rows, dim = x2d.shape
-    dx, dnw, dnb = _new((rows, dim)), _new((dim,)), _new((dim,))
-    _ext._C.layer_norm_bf16_backward_cpu(dh.data_ptr(), x2d.data_ptr(), mean.data_ptr(), rstd.data_ptr(),
-                                         norm_weight.data_ptr(), 0 if residual is None else residual.data_ptr(),
-                                         dx.data_ptr(), dnw.data_ptr(), dnb.data_ptr(), rows, dim, threads)
-    return dx, dnw, dnb
+def _triton_kernels():
+    from . import autocast_triton  # imports triton: only when CUDA tensors (or the tests) need it
+
+    return autocast_triton
 
 
-def _residual(x2d, y, threads):
-    """x2d (float32) + y (bfloat16) -> float32 in one pass."""
-    out = _new(x2d.shape)
-    _ext._C.add_bf16_cpu(x2d.data_ptr(), y.data_ptr(), out.data_ptr(), out.numel(), threads)
-    return out
+class _CpuKernels:
+    """The extension's kernels (csrc/cpu/autocast.cpp), bfloat16 only, per-thread workspace buffers."""
+
+    act_dtype = torch.bfloat16
+
+    @staticmethod
+    def workspace(role, shape, dtype, device):
+        return _workspace.get(role, shape, dtype)
+
+    @staticmethod
+    def layer_norm(x2d, norm_weight, norm_bias, eps):
+        rows, dim = x2d.shape
+        h, mean, rstd = _new((rows, dim), _ACT_DTYPE), _new((rows,)), _new((rows,))
+        _ext._C.layer_norm_bf16_forward_cpu(x2d.data_ptr(), norm_weight.data_ptr(), norm_bias.data_ptr(), float(eps),
+                                            h.data_ptr(), mean.data_ptr(), rstd.data_ptr(), rows, dim,
+                                            torch.get_num_threads())
+        return h, mean, rstd
+
+    @staticmethod
+    def layer_norm_backward(dh, x2d, mean, rstd, norm_weight, residual):
+        rows, dim = x2d.shape
+        dx, dnw, dnb = _new((rows, dim)), _new((dim,)), _new((dim,))
+        _ext._C.layer_norm_bf16_backward_cpu(dh.data_ptr(), x2d.data_ptr(), mean.data_ptr(), rstd.data_ptr(),
+                                             norm_weight.data_ptr(), 0 if residual is None else residual.data_ptr(),
+                                             dx.data_ptr(), dnw.data_ptr(), dnb.data_ptr(), rows, dim,
+                                             torch.get_num_threads())
+        return dx, dnw, dnb
+
+    @staticmethod
+    def residual(x2d, y):
+        """x2d (float32) + y (bfloat16) -> float32 in one pass."""
+        out = _new(x2d.shape)
+        _ext._C.add_bf16_cpu(x2d.data_ptr(), y.data_ptr(), out.data_ptr(), out.numel(), torch.get_num_threads())
+        return out
+
+    @staticmethod
+    def colsum(g):
+        """Column sums of a contiguous bfloat16 (rows, cols) gradient, in float32."""
+        out = _new((g.shape[1],))
+        _ext._C.colsum_bf16_cpu(g.data_ptr(), out.data_ptr(), g.shape[0], g.shape[1], torch.get_num_threads())
+        return out
+
+    @staticmethod
+    def cast_colsum(grad):
+        """A float32 gradient as bfloat16 (a workspace buffer) and its column sums."""
+        rows, cols = grad.shape
+        gb, colsum = _workspace.get("rows", (rows, cols), _ACT_DTYPE), _new((cols,))
+        _ext._C.cast_bf16_colsum_cpu(grad.data_ptr(), gb.data_ptr(), colsum.data_ptr(), rows, cols,
+                                     torch.get_num_threads())
+        return gb, colsum
+
+    @staticmethod
+    def gelu_forward(pre):
+        act, deriv = _new(pre.shape, _ACT_DTYPE), _new(pre.shape, torch.float16)
+        _ext._C.gelu_bf16_forward_cpu(pre.data_ptr(), act.data_ptr(), deriv.data_ptr(), pre.numel(),
+                                      torch.get_num_threads())
+        return act, deriv
+
+    @staticmethod
+    def gelu_backward(dact, deriv):
+        rows, hidden = dact.shape
+        dpre, db = _workspace.get("hidden2", (rows, hidden), _ACT_DTYPE), _new((hidden,))
+        _ext._C.gelu_bf16_backward_cpu(dact.data_ptr(), deriv.data_ptr(), dpre.data_ptr(), db.data_ptr(), rows,
+                                       hidden, torch.get_num_threads())
+        return dpre, db
+
+    @staticmethod
+    def attention_forward(qkv, num_heads):
+        B, N, C = qkv.shape
+        return _cpp_attention_forward(qkv, num_heads, new_output((B, N, C // 3), qkv.dtype, qkv.device),
+                                      new_output((B, num_heads, N), torch.float32, qkv.device))
+
+    @staticmethod
+    def attention_backward(d_out, qkv, out, lse, num_heads):
+        return _cpp_attention_backward(d_out, qkv, out, lse, num_heads,
+                                       _workspace.get("qkv", qkv.shape, qkv.dtype))
 
 
-def _colsum(g, threads):
-    """Column sums of a contiguous bfloat16 (rows, cols) gradient, in float32."""
-    out = _new((g.shape[1],))
-    _ext._C.colsum_bf16_cpu(g.data_ptr(), out.data_ptr(), g.shape[0], g.shape[1], threads)
-    return out
+class _TritonKernels:
+    """autocast_triton's kernels (CUDA; the CPU under TRITON_INTERPRET=1 in the tests) and the Triton
+    attention, for activations in act_dtype (bfloat16 or float16). Temporaries come from torch's
+    caching allocator, which reuses them."""
+
+    def __init__(self, act_dtype):
+        self.act_dtype = act_dtype
+        self.k = _triton_kernels()
+
+    @staticmethod
+    def workspace(role, shape, dtype, device):
+        return None  # the GEMMs allocate their own outputs (out=None)
+
+    def layer_norm(self, x2d, norm_weight, norm_bias, eps):
+        rows, dim = x2d.shape
+        dev = x2d.device
+        return self.k.layer_norm(x2d, norm_weight, norm_bias, eps,
+                                 new_output((rows, dim), self.act_dtype, dev), new_output((rows,), torch.float32, dev),
+                                 new_output((rows,), torch.float32, dev))
+
+    def layer_norm_backward(self, dh, x2d, mean, rstd, norm_weight, residual):
+        return self.k.layer_norm_backward(dh, x2d, mean, rstd, norm_weight, residual,
+                                          new_output(x2d.shape, torch.float32, x2d.device))
+
+    @staticmethod
+    def residual(x2d, y):
+        return torch.add(x2d, y)  # one pass already (float32 + act -> float32)
+
+    def colsum(self, g):
+        return self.k.colsum(g)
+
+    def cast_colsum(self, grad):
+        return self.k.cast_colsum(grad, new_output(grad.shape, self.act_dtype, grad.device))
+
+    def gelu_forward(self, pre):
+        return self.k.gelu_forward(pre, new_output(pre.shape, pre.dtype, pre.device),
+                                   new_output(pre.shape, torch.float16, pre.device))
+
+    def gelu_backward(self, dact, deriv):
+        return self.k.gelu_backward(dact, deriv, new_output(dact.shape, dact.dtype, dact.device))
+
+    @staticmethod
+    def attention_forward(qkv, num_heads):
+        from ..attention import triton_impl
+
+        B, N, C = qkv.shape
+        out = new_output((B, N, C // 3), qkv.dtype, qkv.device)
+        lse = new_output((B, num_heads, N), torch.float32, qkv.device)
+        with device_guard(qkv.device):
+            triton_impl.forward(qkv, num_heads, out, lse)
+        return out, lse
+
+    @staticmethod
+    def attention_backward(d_out, qkv, out, lse, num_heads):
+        from ..attention import triton_impl
+
+        dqkv = new_output(qkv.shape, qkv.dtype, qkv.device)
+        with device_guard(qkv.device):
+            triton_impl.backward(d_out.contiguous(), qkv, out, lse, num_heads, dqkv)
+        return dqkv
 
 
-def _cast_colsum(grad, threads):
-    """A float32 gradient as bfloat16 (a workspace buffer) and its column sums."""
-    rows, cols = grad.shape
-    gb, colsum = _workspace.get("rows", (rows, cols), _ACT_DTYPE), _new((cols,))
-    _ext._C.cast_bf16_colsum_cpu(grad.data_ptr(), gb.data_ptr(), colsum.data_ptr(), rows, cols, threads)
-    return gb, colsum
+_CPU_KERNELS = _CpuKernels()
+_triton_sets = {}
+
+
+def _kernels(device):
+    """The kernel set for tensors on ``device`` under autocast there."""
+    if device.type == "cpu":
+        return _CPU_KERNELS
+    dtype = torch.get_autocast_dtype(device.type)
+    ks = _triton_sets.get(dtype)
+    if ks is None:
+        ks = _triton_sets[dtype] = _TritonKernels(dtype)
+    return ks
 
 
 class _PrenormMlp(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, norm_weight, norm_bias, eps, w1, b1, w2, b2):
-        threads = torch.get_num_threads()
+        k = _kernels(x.device)
+        act_dtype = k.act_dtype
         shape = x.shape
         x2d = x.reshape(-1, shape[-1]).contiguous()
         norm_weight, norm_bias = norm_weight.contiguous(), norm_bias.contiguous()
-        h, mean, rstd = _layer_norm(x2d, norm_weight, norm_bias, eps, threads)
-        w1b, w2b = w1.to(_ACT_DTYPE), w2.to(_ACT_DTYPE)
+        h, mean, rstd = k.layer_norm(x2d, norm_weight, norm_bias, eps)
+        w1b, w2b = w1.to(act_dtype), w2.to(act_dtype)
         rows, hidden = x2d.shape[0], w1.shape[0]
-        pre = torch.addmm(b1.to(_ACT_DTYPE), h, w1b.t(),
-                          out=_workspace.get("hidden", (rows, hidden), _ACT_DTYPE))
-        act, deriv = _new(pre.shape, _ACT_DTYPE), _new(pre.shape, torch.float16)
-        _ext._C.gelu_bf16_forward_cpu(pre.data_ptr(), act.data_ptr(), deriv.data_ptr(), pre.numel(), threads)
-        out = torch.addmm(b2.to(_ACT_DTYPE), act, w2b.t(), out=_workspace.get("rows", x2d.shape, _ACT_DTYPE))
+        pre = torch.addmm(b1.to(act_dtype), h, w1b.t(),
+                          out=k.workspace("hidden", (rows, hidden), act_dtype, x2d.device))
+        act, deriv = k.gelu_forward(pre)
+        out = torch.addmm(b2.to(act_dtype), act, w2b.t(), out=k.workspace("rows", x2d.shape, act_dtype, x2d.device))
         ctx.save_for_backward(x2d, mean, rstd, norm_weight, h, w1b, act, deriv, w2b)
-        ctx.shape = shape
-        return _residual(x2d, out, threads).view(shape)
+        ctx.shape, ctx.kernels = shape, k
+        return k.residual(x2d, out).view(shape)
 
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx, grad):
         x2d, mean, rstd, norm_weight, h, w1b, act, deriv, w2b = ctx.saved_tensors
-        threads = torch.get_num_threads()
+        k = ctx.kernels
         rows, dim = x2d.shape
         hidden = w1b.shape[0]
         grad = grad.reshape(rows, dim).contiguous()
-        gb, db2 = _cast_colsum(grad, threads)
-        dact = torch.mm(gb, w2b, out=_workspace.get("hidden", (rows, hidden), _ACT_DTYPE))
+        gb, db2 = k.cast_colsum(grad)
+        dact = torch.mm(gb, w2b, out=k.workspace("hidden", (rows, hidden), k.act_dtype, x2d.device))
         dw2 = torch.mm(gb.t(), act).float()
-        dpre, db1 = _workspace.get("hidden2", (rows, hidden), _ACT_DTYPE), _new((hidden,))
-        _ext._C.gelu_bf16_backward_cpu(dact.data_ptr(), deriv.data_ptr(), dpre.data_ptr(), db1.data_ptr(), rows, hidden,
-                                       threads)
-        dh = torch.mm(dpre, w1b, out=_workspace.get("rows", (rows, dim), _ACT_DTYPE))
+        dpre, db1 = k.gelu_backward(dact, deriv)
+        dh = torch.mm(dpre, w1b, out=k.workspace("rows", (rows, dim), k.act_dtype, x2d.device))
         dw1 = torch.mm(dpre.t(), h).float()
-        dx, dnw, dnb = _layer_norm_backward(dh, x2d, mean, rstd, norm_weight, grad, threads)
+        dx, dnw, dnb = k.layer_norm_backward(dh, x2d, mean, rstd, norm_weight, grad)
         return dx.view(ctx.shape), dnw, dnb, None, dw1, db1, dw2, db2
 
 
 class _PrenormLinear(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, norm_weight, norm_bias, eps, w, b):
-        threads = torch.get_num_threads()
+        k = _kernels(x.device)
         x2d = x.reshape(-1, x.shape[-1]).contiguous()
         norm_weight, norm_bias = norm_weight.contiguous(), norm_bias.contiguous()
-        h, mean, rstd = _layer_norm(x2d, norm_weight, norm_bias, eps, threads)
-        wb = w.to(_ACT_DTYPE)
-        out = torch.addmm(b.to(_ACT_DTYPE), h, wb.t())
+        h, mean, rstd = k.layer_norm(x2d, norm_weight, norm_bias, eps)
+        wb = w.to(k.act_dtype)
+        out = torch.addmm(b.to(k.act_dtype), h, wb.t())
         ctx.save_for_backward(x2d, mean, rstd, norm_weight, h, wb)
-        ctx.shape = x.shape
+        ctx.shape, ctx.kernels = x.shape, k
         return out.view(*x.shape[:-1], w.shape[0])
 
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx, grad):
         x2d, mean, rstd, norm_weight, h, wb = ctx.saved_tensors
-        threads = torch.get_num_threads()
-        grad = grad.reshape(-1, wb.shape[0]).to(_ACT_DTYPE).contiguous()
-        dh = torch.mm(grad, wb, out=_workspace.get("rows", x2d.shape, _ACT_DTYPE))
+        k = ctx.kernels
+        grad = grad.reshape(-1, wb.shape[0]).to(k.act_dtype).contiguous()
+        dh = torch.mm(grad, wb, out=k.workspace("rows", x2d.shape, k.act_dtype, x2d.device))
         dw = torch.mm(grad.t(), h).float()
-        db = _colsum(grad, threads)
-        dx, dnw, dnb = _layer_norm_backward(dh, x2d, mean, rstd, norm_weight, None, threads)
+        db = k.colsum(grad)
+        dx, dnw, dnb = k.layer_norm_backward(dh, x2d, mean, rstd, norm_weight, None)
         return dx.view(ctx.shape), dnw, dnb, None, dw, db
 
 
 class _AttentionHalf(torch.autograd.Function):
-    """x + proj(attention(qkv(LayerNorm(x)))): the pre-norm block's first half, with the extension's
-    attention kernels called directly on the bfloat16 qkv (as ops.attention's cpp backend does)."""
+    """x + proj(attention(qkv(LayerNorm(x)))): the pre-norm block's first half, with mvmae_fast's
+    attention kernels (cpp on the CPU, Triton on CUDA) called directly on the act-dtype qkv (as
+    ops.attention does)."""
 
     @staticmethod
     def forward(ctx, x, norm_weight, norm_bias, eps, w_qkv, b_qkv, w_proj, b_proj, num_heads):
-        threads = torch.get_num_threads()
+        k = _kernels(x.device)
+        act_dtype = k.act_dtype
         B, N, D = x.shape
         rows = B * N
         x2d = x.reshape(rows, D).contiguous()
         norm_weight, norm_bias = norm_weight.contiguous(), norm_bias.contiguous()
-        h, mean, rstd = _layer_norm(x2d, norm_weight, norm_bias, eps, threads)
-        w_qkv_b, w_proj_b = w_qkv.to(_ACT_DTYPE), w_proj.to(_ACT_DTYPE)
-        qkv = torch.addmm(b_qkv.to(_ACT_DTYPE), h, w_qkv_b.t()).view(B, N, 3 * D)
-        attended, lse = _attention_forward(qkv, num_heads, new_output((B, N, D), _ACT_DTYPE, x.device),
-                                           new_output((B, num_heads, N), torch.float32, x.device))
-        out = torch.addmm(b_proj.to(_ACT_DTYPE), attended.view(rows, D), w_proj_b.t(),
-                          out=_workspace.get("rows", (rows, D), _ACT_DTYPE))
+        h, mean, rstd = k.layer_norm(x2d, norm_weight, norm_bias, eps)
+        w_qkv_b, w_proj_b = w_qkv.to(act_dtype), w_proj.to(act_dtype)
+        qkv = torch.addmm(b_qkv.to(act_dtype), h, w_qkv_b.t()).view(B, N, 3 * D)
+        attended, lse = k.attention_forward(qkv, num_heads)
+        out = torch.addmm(b_proj.to(act_dtype), attended.view(rows, D), w_proj_b.t(),
+                          out=k.workspace("rows", (rows, D), act_dtype, x2d.device))
         ctx.save_for_backward(x2d, mean, rstd, norm_weight, h, w_qkv_b, qkv, attended, lse, w_proj_b)
-        ctx.num_heads = num_heads
-        return _residual(x2d, out, threads).view(B, N, D)
+        ctx.num_heads, ctx.kernels = num_heads, k
+        return k.residual(x2d, out).view(B, N, D)
 
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx, grad):
         x2d, mean, rstd, norm_weight, h, w_qkv_b, qkv, attended, lse, w_proj_b = ctx.saved_tensors
-        threads = torch.get_num_threads()
+        k = ctx.kernels
         B, N, D = grad.shape
         rows = B * N
         grad = grad.reshape(rows, D).contiguous()
-        gb, db_proj = _cast_colsum(grad, threads)
-        d_attended = torch.mm(gb, w_proj_b, out=_workspace.get("rows2", (rows, D), _ACT_DTYPE))
+        gb, db_proj = k.cast_colsum(grad)
+        d_attended = torch.mm(gb, w_proj_b, out=k.workspace("rows2", (rows, D), k.act_dtype, x2d.device))
         dw_proj = torch.mm(gb.t(), attended.view(rows, D)).float()
-        dqkv = _attention_backward(d_attended.view(B, N, D), qkv, attended, lse, ctx.num_heads,
-                                   _workspace.get("qkv", (B, N, 3 * D), _ACT_DTYPE)).view(rows, 3 * D)
-        db_qkv = _colsum(dqkv, threads)
-        dh = torch.mm(dqkv, w_qkv_b, out=_workspace.get("rows", (rows, D), _ACT_DTYPE))
+        dqkv = k.attention_backward(d_attended.view(B, N, D), qkv, attended, lse, ctx.num_heads).view(rows, 3 * D)
+        db_qkv = k.colsum(dqkv)
+        dh = torch.mm(dqkv, w_qkv_b, out=k.workspace("rows", (rows, D), k.act_dtype, x2d.device))
         dw_qkv = torch.mm(dqkv.t(), h).float()
-        dx, dnw, dnb = _layer_norm_backward(dh, x2d, mean, rstd, norm_weight, grad, threads)
+        dx, dnw, dnb = k.layer_norm_backward(dh, x2d, mean, rstd, norm_weight, grad)
         return dx.view(B, N, D), dnw, dnb, None, dw_qkv, db_qkv, dw_proj, db_proj, None
 
 
