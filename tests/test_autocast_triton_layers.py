@@ -264,3 +264,53 @@ def test_cuda_dispatch(monkeypatch):
     assert "_PrenormMlpBackward" not in graph_names(block(x))  # no autocast: float32 torch ops
     with torch.autocast("cuda", dtype=torch.bfloat16), use_backend("torch"):
         assert "_PrenormMlpBackward" not in graph_names(block(x))
+
+
+COMPILE_SCRIPT = r'''
+import sys
+import triton
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource
+from mvmae_fast.ops.mlp import autocast_triton as at
+
+act = sys.argv[1]
+cases = [
+    (at._layer_norm_kernel, dict(x_ptr="*fp32", w_ptr="*fp32", b_ptr="*fp32", h_ptr=f"*{act}", mean_ptr="*fp32",
+                                 rstd_ptr="*fp32", rows="i32", D="i32", eps="fp32"), dict(BLOCK_R=4, BLOCK_D=1024)),
+    (at._layer_norm_backward_kernel, dict(dh_ptr=f"*{act}", x_ptr="*fp32", mean_ptr="*fp32", rstd_ptr="*fp32",
+                                          w_ptr="*fp32", res_ptr="*fp32", dx_ptr="*fp32", dw_ptr="*fp32",
+                                          db_ptr="*fp32", rows="i32", D="i32", rows_per_group="i32"),
+     dict(HAS_RESIDUAL=True, BLOCK_R=4, BLOCK_D=1024)),
+    (at._gelu_forward_kernel, dict(pre_ptr=f"*{act}", act_ptr=f"*{act}", deriv_ptr="*fp16", n="i32"),
+     dict(BLOCK=at.GELU_BLOCK)),
+] + [
+    (at._colsum_kernel, dict(g_ptr="*fp32" if mode == 1 else f"*{act}", deriv_ptr="*fp16", out_ptr=f"*{act}",
+                             partial_ptr="*fp32", rows="i32", C="i32", rows_per_group="i32"),
+     dict(MODE=mode, BLOCK_R=at.SUM_BLOCK_R, BLOCK_C=at.SUM_BLOCK_C))
+    for mode in (0, 1, 2)
+]
+for arch in (80, 90):
+    for kernel, signature, constexprs in cases:
+        signature = {**signature, **{name: "constexpr" for name in constexprs}}
+        src = ASTSource(fn=kernel, signature=signature, constexprs=constexprs)
+        compiled = triton.compile(src, target=GPUTarget("cuda", arch, 32))
+        assert compiled.asm["cubin"], (kernel, arch)
+        print("ok", arch, kernel.__name__)
+'''
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="on a GPU the CUDA cases compile and run the kernels")
+@pytest.mark.parametrize("act", ["bf16", "fp16"])
+def test_kernels_compile_for_the_gpu(act):
+    """The interpreter runs what compiled Triton refuses (e.g. a plain Python global read in a kernel):
+    compile every autocast_triton kernel ahead of time for sm_80 and sm_90 (Triton's own ptxas, no
+    GPU needed), in a fresh process without TRITON_INTERPRET."""
+    import subprocess
+    import sys
+
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env["TRITON_DEFAULT_FP_FUSION"] = "1"
+    result = subprocess.run([sys.executable, "-c", COMPILE_SCRIPT, act], env=env, capture_output=True, text=True,
+                            timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert result.stdout.count("ok ") == 12, result.stdout

@@ -28,9 +28,9 @@ elementwise work in Triton (autocast_triton.py) and the Triton attention, cuBLAS
 remove what the eager CUDA step's profile shows around the GEMMs (benchmarks/results/
 NVIDIA_H100_80GB_HBM3_profiles.txt): the LayerNorm outputs' float32 -> act casts and their gradients'
 casts back, GELU's backward recomputing erf, the bias gradients' separate column sums and the
-residual gradients' accumulation adds. They are tested under the Triton interpreter and by
-tests/test_cuda_kernels.py on a GPU, but their speed has not been measured on one yet, so they are
-opt-in: set ``MVMAE_FAST_CUDA_AUTOCAST_LAYERS=1`` (benchmarks/cuda_step.py compares both).
+residual gradients' accumulation adds. They are tested under the Triton interpreter
+(tests/test_autocast_triton.py, tests/test_autocast_triton_layers.py; the latter's CUDA cases run on a
+GPU), but their speed has not been measured on one yet, so they are opt-in: set ``MVMAE_FAST_CUDA_AUTOCAST_LAYERS=1`` (benchmarks/cuda_step.py compares both).
 
 The forward is autocast's bits on the CPU (tested). Eager only: :func:`supported` is False while
 ``torch.compile`` traces (inductor fuses the same elementwise work itself) or any other tracer,

@@ -34,11 +34,13 @@ TILE_ELEMENTS = 4096  # rows per program of the row kernels = TILE_ELEMENTS // n
 SUM_BLOCK_R = 16  # rows per step of the column-sum kernels
 SUM_BLOCK_C = 128  # columns per program of the column-sum kernels
 MAX_SUM_GROUPS = 512  # row groups (float32 partial rows) of a column sum at most
-GELU_SCALE = 16384.0  # gelu' in [-0.17, 1.13] is stored times 2^14 in float16
-GELU_TAIL_X2 = 174.0  # past x^2 = 174 (z^2 = 87) exp(-x^2/2) is under float32's normal range
 GELU_BLOCK = 1024
-_INV_SQRT2 = 0.7071067811865476
-_INV_SQRT_2PI = 0.3989422804014327
+# Constants the kernels read: compiled Triton reads only globals made tl.constexpr (the interpreter
+# reads any, so tests/test_autocast_triton_layers.py also compiles every kernel for sm_80 and sm_90).
+GELU_SCALE = tl.constexpr(16384.0)  # gelu' in [-0.17, 1.13] is stored times 2^14 in float16
+GELU_TAIL_X2 = tl.constexpr(174.0)  # past x^2 = 174 (z^2 = 87) exp(-x^2/2) is under float32's normal range
+_INV_SQRT2 = tl.constexpr(0.7071067811865476)
+_INV_SQRT_2PI = tl.constexpr(0.3989422804014327)
 
 
 @triton.jit
