@@ -21,7 +21,6 @@ which turns GELU's AVX-512 intrinsics path off.
 """
 
 import copy
-import math
 import os
 import subprocess
 import sys
@@ -35,6 +34,7 @@ from mvmae_fast import _ext, ops, use_backend
 from mvmae_fast.models import MVMAE, PRESETS, MVMAEConfig
 from mvmae_fast._utils import new_output
 from mvmae_fast.models.layers import Block
+from autocast_helpers import assert_sum_accurate, block_by_hand, gelu64, gelu_grad64, make_block, mlp_inputs
 from mvmae_helpers import graph_names, uses_kernel
 
 C = _ext._C
@@ -86,22 +86,6 @@ def same_values(a, b):
     vectorised body and scalar tail quiet a NaN with different signs)."""
     nan = a.isnan()
     return torch.equal(nan, b.isnan()) and torch.equal(bits(a[~nan]), bits(b[~nan]))
-
-
-def sum_errors(kernel, values, dim=0):
-    """(max |kernel - float64 sum|, the same for torch's float32 sum, the floor): the column-sum criterion
-    is kernel <= 2 x torch + floor, the floor one float32 epsilon at the sums' magnitude (at least 1) +
-    1e-6, as tests/test_mlp.py's."""
-    exact = values.double().sum(dim)
-    err = (kernel.double() - exact).abs().max().item()
-    base = (values.float().sum(dim).double() - exact).abs().max().item()
-    floor = EPS * max(exact.abs().max().item(), 1.0) + 1e-6
-    return err, base, floor
-
-
-def assert_sum_accurate(kernel, values, name):
-    err, base, floor = sum_errors(kernel, values)
-    assert err <= 2 * base + floor, f"{name}: max error {err:.3e} > 2 x torch's {base:.3e} + {floor:.3e}"
 
 
 # --------------------------------------------------------------------------- #
@@ -181,16 +165,6 @@ def gelu_input(rows, cols, seed=0):
     idx = torch.arange(0, rows * cols, 5)
     pre[idx] = specials[torch.arange(len(idx)) % len(specials)]
     return pre.bfloat16().view(rows, cols)
-
-
-def gelu64(x):
-    x = x.double()
-    return x * 0.5 * torch.special.erfc(-x / math.sqrt(2))
-
-
-def gelu_grad64(x):
-    x = x.double()
-    return 0.5 * torch.special.erfc(-x / math.sqrt(2)) + x * torch.exp(-0.5 * x * x) / math.sqrt(2 * math.pi)
 
 
 @pytest.mark.parametrize("shape", KERNEL_SHAPES, ids=shape_id)
@@ -420,17 +394,6 @@ def rel_error(t, exact):
     return ((t.double() - exact).norm() / exact.norm()).item()
 
 
-def mlp_inputs(shape, hidden, seed=0):
-    """[x, norm_weight, norm_bias, w1, b1, w2, b2] (x of mean 3, std 2) and an output gradient."""
-    dim = shape[-1]
-    g = gen(seed)
-    x = torch.randn(shape, generator=g) * 2 + 3
-    nw, nb = 1 + 0.5 * torch.randn(dim, generator=g), 0.5 * torch.randn(dim, generator=g)
-    w1, b1 = torch.randn(hidden, dim, generator=g) * dim**-0.5, torch.randn(hidden, generator=g)
-    w2, b2 = torch.randn(dim, hidden, generator=g) * hidden**-0.5, torch.randn(dim, generator=g)
-    return [x, nw, nb, w1, b1, w2, b2], torch.randn(shape, generator=g)
-
-
 def linear_inputs(shape, out_features, seed=0):
     inputs, _ = mlp_inputs(shape, out_features, seed)
     return inputs[:5], torch.randn(*shape[:-1], out_features, generator=gen(seed + 100))
@@ -508,28 +471,6 @@ def test_prenorm_linear_matches_unfused_autocast(case):
     out = compare_to_unfused(fused_linear, unfused_linear, inputs, grad, ("dx", "dnw", "dnb", "dw", "db"),
                              "_PrenormLinearBackward")
     assert out.dtype == torch.bfloat16 and out.shape == (*case[0][:-1], case[1])
-
-
-def make_block(dim, heads, seed=0):
-    torch.manual_seed(seed)
-    block = Block(dim, heads)
-    with torch.no_grad():
-        for norm in (block.norm1, block.norm2):
-            norm.weight.normal_(1, 0.5)
-            norm.bias.normal_(0, 0.5)
-    return block
-
-
-def block_by_hand(block, x, params, attention_backend):
-    """The pre-norm block with plain torch ops on params (name -> tensor), attention through ops.attention."""
-    p, eps, dim = params, block.norm1.eps, x.shape[-1]
-    qkv = F.linear(F.layer_norm(x, (dim,), p["norm1.weight"], p["norm1.bias"], eps), p["attn.qkv.weight"],
-                   p["attn.qkv.bias"])
-    attended = ops.attention(qkv, block.attn.num_heads, backend=attention_backend)
-    x = x + F.linear(attended, p["attn.proj.weight"], p["attn.proj.bias"])
-    h = F.layer_norm(x, (dim,), p["norm2.weight"], p["norm2.bias"], eps)
-    return x + F.linear(F.gelu(F.linear(h, p["mlp.fc1.weight"], p["mlp.fc1.bias"])), p["mlp.fc2.weight"],
-                        p["mlp.fc2.bias"])
 
 
 @pytest.mark.parametrize("case", [(2, 33, 64, 4), (3, 17, 48, 3)], ids=lambda c: "B{}-N{}-D{}-H{}".format(*c))

@@ -26,7 +26,6 @@ test_negative_controls shows the criteria can fail: a LayerNorm reference with t
 LayerNorm backward reference without the residual are outside them, and so is a cast off by one ulp.
 """
 
-import math
 import os
 
 import pytest
@@ -35,6 +34,7 @@ import torch.nn.functional as F
 
 from mvmae_fast._utils import new_output
 from mvmae_fast.ops.mlp import autocast_triton as at
+from autocast_helpers import assert_sum_accurate, gelu64, gelu_grad64
 
 # CPU tensors through the interpreter; on a GPU machine (TRITON_INTERPRET=0) the kernels are checked
 # natively through the Functions by tests/test_autocast_triton_layers.py.
@@ -106,21 +106,6 @@ def assert_one_rounding(out, t, name):
     assert ok.all(), f"{name}: {int((~ok).sum())} stores not float32 rounded once, e.g. {out[~ok][:4]} vs {t[~ok][:4]}"
 
 
-def sum_errors(kernel, values, dim=0):
-    """(max |kernel - float64 sum|, the same for torch's float32 sum, the floor), as test_autocast_layers'."""
-    exact = values.double().sum(dim)
-    err = (kernel.double() - exact).abs().max().item()
-    base = (values.float().sum(dim).double() - exact).abs().max().item()
-    floor = EPS32 * max(exact.abs().max().item(), 1.0) + 1e-6
-    return err, base, floor
-
-
-def assert_sum_accurate(kernel, values, name):
-    assert kernel.dtype == torch.float32 and kernel.shape == values.shape[1:], (name, kernel.dtype, kernel.shape)
-    err, base, floor = sum_errors(kernel, values)
-    assert err <= 2 * base + floor, f"{name}: max error {err:.3e} > 2 x torch's {base:.3e} + {floor:.3e}"
-
-
 # --------------------------------------------------------------------------- #
 # the kernels, called as autocast.py's _TritonKernels calls them
 # --------------------------------------------------------------------------- #
@@ -173,19 +158,6 @@ def gelu_input(rows, cols, dtype, seed=0):
     return pre.to(dtype).view(rows, cols)
 
 
-def gelu64(x):
-    x = x.double()
-    return x * 0.5 * torch.special.erfc(-x / math.sqrt(2))
-
-
-def gelu_grad64(x):
-    x = x.double()
-    return 0.5 * torch.special.erfc(-x / math.sqrt(2)) + x * torch.exp(-0.5 * x * x) / math.sqrt(2 * math.pi)
-
-
-# --------------------------------------------------------------------------- #
-# criteria (shared with the negative controls)
-# --------------------------------------------------------------------------- #
 def ln_forward_violations(h, x, gamma, beta, eps):
     """Where h is more than one act ulp from the float64 LayerNorm (eps), correctly rounded to act: half an
     ulp for the rounding and the rest for float32's error and the interpreter's truncation (bfloat16); the

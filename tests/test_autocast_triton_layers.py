@@ -25,8 +25,8 @@ import torch
 import torch.nn.functional as F
 
 from mvmae_fast import ops, use_backend
-from mvmae_fast.models.layers import Block
 from mvmae_fast.ops.mlp import autocast
+from autocast_helpers import block_by_hand, make_block, mlp_inputs
 from mvmae_helpers import graph_names
 
 DTYPES = [torch.bfloat16, torch.float16]
@@ -112,16 +112,6 @@ def compare(fused, unfused, inputs, grad, names, expected_fn, device, dtype, exa
     return out
 
 
-def mlp_inputs(shape, hidden, seed=0):
-    dim = shape[-1]
-    g = gen(seed)
-    x = torch.randn(shape, generator=g) * 2 + 3
-    nw, nb = 1 + 0.5 * torch.randn(dim, generator=g), 0.5 * torch.randn(dim, generator=g)
-    w1, b1 = torch.randn(hidden, dim, generator=g) * dim**-0.5, torch.randn(hidden, generator=g)
-    w2, b2 = torch.randn(dim, hidden, generator=g) * hidden**-0.5, torch.randn(dim, generator=g)
-    return [x, nw, nb, w1, b1, w2, b2], torch.randn(shape, generator=g)
-
-
 def unfused_mlp(x, nw, nb, w1, b1, w2, b2):
     return x + F.linear(F.gelu(F.linear(F.layer_norm(x, x.shape[-1:], nw, nb, EPS), w1, b1)), w2, b2)
 
@@ -164,28 +154,6 @@ def test_prenorm_linear(layers, case):
     out = compare(fused_linear(device), unfused_linear, inputs, grad, ("dx", "dnw", "dnb", "dw", "db"),
                   "_PrenormLinearBackward", device, dtype)
     assert out.dtype == dtype and out.shape == (*case[0][:-1], case[1])
-
-
-def make_block(dim, heads, seed=0):
-    torch.manual_seed(seed)
-    block = Block(dim, heads)
-    with torch.no_grad():
-        for norm in (block.norm1, block.norm2):
-            norm.weight.normal_(1, 0.5)
-            norm.bias.normal_(0, 0.5)
-    return block
-
-
-def block_by_hand(block, x, p, attention_backend):
-    """The pre-norm block with plain torch ops on params p (name -> tensor), attention via ops.attention."""
-    eps, dim = block.norm1.eps, x.shape[-1]
-    qkv = F.linear(F.layer_norm(x, (dim,), p["norm1.weight"], p["norm1.bias"], eps), p["attn.qkv.weight"],
-                   p["attn.qkv.bias"])
-    attended = ops.attention(qkv, block.attn.num_heads, backend=attention_backend)
-    x = x + F.linear(attended, p["attn.proj.weight"], p["attn.proj.bias"])
-    h = F.layer_norm(x, (dim,), p["norm2.weight"], p["norm2.bias"], eps)
-    return x + F.linear(F.gelu(F.linear(h, p["mlp.fc1.weight"], p["mlp.fc1.bias"])), p["mlp.fc2.weight"],
-                        p["mlp.fc2.bias"])
 
 
 def fused_block(block, names, device):
