@@ -73,3 +73,24 @@ def test_report_names_the_dtype_a_case_ran_in(tmp_path):
     cells = [c.strip() for c in row.split("|")]
     assert cells[2] == "cuda: shape=encoder_n40, mode=forward, dtype=float16"
     assert cells[4] == "115.0 us" and cells[5] == "12.5"
+
+
+def test_cuda_step_runs_each_eager_provider_with_and_without_the_layers():
+    """benchmarks/cuda_step.py's run list: eager mae / mvmae as asked (off, on, both), the rest once, in order
+    (in a fresh process: cuda_step imports benchmarks/conftest.py, which this suite's conftest shadows)."""
+    code = ("import json, sys; sys.path.insert(0, 'benchmarks'); from cuda_step import runs; "
+            "print(json.dumps({m: list(runs(['reference', 'mae', 'mae_compiled', 'mvmae'], m)) "
+            "for m in ('off', 'on', 'both')}))")
+    result = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr[-2000:]
+    import json
+
+    got = {mode: [tuple(r) for r in rows] for mode, rows in json.loads(result.stdout.splitlines()[-1]).items()}
+    providers = ["reference", "mae", "mae_compiled", "mvmae"]
+    assert got["both"] == [
+        ("reference", "reference", False), ("mae", "mae", False), ("mae+layers", "mae", True),
+        ("mae_compiled", "mae_compiled", False), ("mvmae", "mvmae", False), ("mvmae+layers", "mvmae", True)]
+    assert got["on"] == [
+        ("reference", "reference", False), ("mae+layers", "mae", True), ("mae_compiled", "mae_compiled", False),
+        ("mvmae+layers", "mvmae", True)]
+    assert got["off"] == [(p, p, False) for p in providers]
