@@ -4,7 +4,7 @@
 # installs mvmae_fast offline with its CUDA kernels, runs the GPU correctness tests (every backend,
 # fp32/fp16/bf16, every Triton kernel against its torch reference), then the benchmark suite,
 # writing <results-dir>/<GPU name>.json and its Markdown/PNG report.
-# The whole run takes ~15 minutes on an H100 (compiling the four compiled step cases is most of it);
+# The whole run takes ~20 minutes on an H100 (compiling the four compiled step cases is most of it);
 # to split it: STAGES="install tests train" (default: all four, plus "bench") and BENCH_ARGS, extra
 # pytest arguments for the suite, e.g. BENCH_ARGS='-k "vit_base"'.
 set -euo pipefail
