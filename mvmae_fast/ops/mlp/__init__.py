@@ -643,13 +643,10 @@ def fused_attention_half(x, norm_weight, norm_bias, eps, w_qkv, b_qkv, w_proj, b
     _check_attention_half(x, norm_weight, norm_bias, eps, w_qkv, b_qkv, w_proj, b_proj, num_heads)
     tensors = (x, norm_weight, norm_bias, w_qkv, b_qkv, w_proj, b_proj)
     B, N, D = x.shape
-    if backends.requested_backend()[0] is not None or x.numel() == 0:
-        return None
-    if x.device.type == "cuda":
-        if D // num_heads <= MAX_KERNEL_HEAD_DIM and autocast.supported(*tensors):
-            return autocast.attention_half(x, norm_weight, norm_bias, eps, w_qkv, b_qkv, w_proj, b_proj, num_heads)
-        return None
-    if _ext._C is None or N > MAX_CPP_SEQ_LEN:
+    # The attention kernel the node calls directly: Triton on CUDA, the extension's on the CPU.
+    attention_fits = (D // num_heads <= MAX_KERNEL_HEAD_DIM if x.device.type == "cuda"
+                      else _ext._C is not None and N <= MAX_CPP_SEQ_LEN)
+    if backends.requested_backend()[0] is not None or x.numel() == 0 or not attention_fits:
         return None
     if autocast.supported(*tensors):
         return autocast.attention_half(x, norm_weight, norm_bias, eps, w_qkv, b_qkv, w_proj, b_proj, num_heads)

@@ -45,9 +45,10 @@ import threading
 import torch
 
 from ... import _ext, backends
-from ..._utils import POISON_OUTPUTS, device_guard, direct_kernel_calls, new_output
+from ..._utils import POISON_OUTPUTS, direct_kernel_calls, new_output
 from ..attention import _cpp_backward as _cpp_attention_backward
-from ..attention import _cpp_forward as _cpp_attention_forward
+from ..attention import _kernel_backward as _attention_kernel_backward
+from ..attention import _kernel_forward as _attention_kernel_forward
 
 _ACT_DTYPE = torch.bfloat16  # the CPU kernels'
 _CUDA_ACT_DTYPES = (torch.bfloat16, torch.float16)
@@ -188,9 +189,7 @@ class _CpuKernels:
 
     @staticmethod
     def attention_forward(qkv, num_heads):
-        B, N, C = qkv.shape
-        return _cpp_attention_forward(qkv, num_heads, new_output((B, N, C // 3), qkv.dtype, qkv.device),
-                                      new_output((B, num_heads, N), torch.float32, qkv.device))
+        return _attention_kernel_forward("cpp", qkv, num_heads)
 
     @staticmethod
     def attention_backward(d_out, qkv, out, lse, num_heads):
@@ -241,23 +240,11 @@ class _TritonKernels:
 
     @staticmethod
     def attention_forward(qkv, num_heads):
-        from ..attention import triton_impl
-
-        B, N, C = qkv.shape
-        out = new_output((B, N, C // 3), qkv.dtype, qkv.device)
-        lse = new_output((B, num_heads, N), torch.float32, qkv.device)
-        with device_guard(qkv.device):
-            triton_impl.forward(qkv, num_heads, out, lse)
-        return out, lse
+        return _attention_kernel_forward("triton", qkv, num_heads)
 
     @staticmethod
     def attention_backward(d_out, qkv, out, lse, num_heads):
-        from ..attention import triton_impl
-
-        dqkv = new_output(qkv.shape, qkv.dtype, qkv.device)
-        with device_guard(qkv.device):
-            triton_impl.backward(d_out.contiguous(), qkv, out, lse, num_heads, dqkv)
-        return dqkv
+        return _attention_kernel_backward("triton", d_out, qkv, out, lse, num_heads)
 
 
 _CPU_KERNELS = _CpuKernels()
