@@ -44,7 +44,8 @@ def load_build(checkout):
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("base", help="a checkout whose extension is built in place")
-    parser.add_argument("--provider", default="mae", choices=[p for p in PROVIDERS if not p.startswith("reference")])
+    parser.add_argument("--provider", default="mae",
+                        choices=[p for p in PROVIDERS if not p.startswith("reference") and not p.endswith("_layers")])
     parser.add_argument("--precision", default="fp32", choices=("fp32", "bf16"))
     parser.add_argument("--preset", default="vit_tiny_patch4_32", choices=CPU_PRESETS)
     parser.add_argument("--rounds", type=int, default=16)

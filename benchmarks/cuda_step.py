@@ -9,9 +9,9 @@ error and the rest go on), and optionally a torch.profiler table of one provider
     python benchmarks/cuda_step.py --preset vit_large_patch16 --batch 128
     python benchmarks/cuda_step.py --profile mae                     # + the top CUDA kernels of one step
 
-Each eager mae / mvmae provider runs twice by default: as shipped, and again as ``<provider>+layers``
-with ``MVMAE_FAST_CUDA_AUTOCAST_LAYERS=1`` (the opt-in autocast layers with Triton elementwise
-kernels, mvmae_fast/ops/mlp/autocast.py; ``--autocast-layers off|on|both`` picks).
+The default providers include mae_layers and mvmae_layers: mae / mvmae with
+``MVMAE_FAST_CUDA_AUTOCAST_LAYERS=1`` (the opt-in autocast layers with Triton elementwise kernels,
+mvmae_fast/ops/mlp/autocast.py).
 """
 
 import argparse
@@ -24,19 +24,6 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from test_step import PROVIDERS, build, make_step, mfu_percent  # noqa: E402
-
-LAYERS_ENV = "MVMAE_FAST_CUDA_AUTOCAST_LAYERS"
-
-
-def runs(providers, layers):
-    """(label, provider, layers switch) for each run: eager mae / mvmae with the layers as asked, the
-    other providers once."""
-    for provider in providers:
-        if provider not in ("mae", "mvmae"):
-            yield provider, provider, False
-            continue
-        for on in {"off": (False,), "on": (True,), "both": (False, True)}[layers]:
-            yield (f"{provider}+layers" if on else provider), provider, on
 
 
 def measure(step, warmup, steps):
@@ -77,16 +64,14 @@ def profile(step, rows):
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--providers", nargs="+", choices=PROVIDERS, default=["reference", "mae", "mvmae"])
+    parser.add_argument("--providers", nargs="+", choices=PROVIDERS,
+                        default=["reference", "mae", "mae_layers", "mvmae", "mvmae_layers"])
     parser.add_argument("--preset", default="vit_base_patch16")
     parser.add_argument("--batch", type=int, default=256)
     parser.add_argument("--precision", choices=("fp32", "bf16"), default="bf16")
     parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--steps", type=int, default=10)
-    parser.add_argument("--autocast-layers", choices=("off", "on", "both"), default="both",
-                        help=f"eager mae/mvmae without and/or with {LAYERS_ENV}=1")
-    parser.add_argument("--profile", help="print a profiler table of this run's step (a provider, or "
-                        "<provider>+layers)")
+    parser.add_argument("--profile", choices=PROVIDERS, help="print a profiler table of this provider's step")
     parser.add_argument("--profile-rows", type=int, default=30)
     args = parser.parse_args()
     device = torch.device("cuda")
@@ -96,8 +81,7 @@ def main():
     print(f"{name}, torch {torch.__version__}, triton {triton.__version__}, {args.preset} batch {args.batch} "
           f"{args.precision}, median of {args.steps} steps after {args.warmup} warm-up", flush=True)
     base = None
-    for label, provider, layers in runs(args.providers, args.autocast_layers):
-        os.environ[LAYERS_ENV] = "1" if layers else "0"
+    for provider in args.providers:
         try:
             torch.manual_seed(0)
             begin = time.perf_counter()
@@ -108,15 +92,15 @@ def main():
             base = base or ips
             mfu = mfu_percent(name, config, ips)
             mfu = f"MFU {mfu:5.1f}%" if mfu is not None else ""
-            print(f"{label:24s} {ms:8.2f} ms  {ips:8.1f} img/s  x{ips / base:.3f} vs {args.providers[0]}  "
+            print(f"{provider:24s} {ms:8.2f} ms  {ips:8.1f} img/s  x{ips / base:.3f} vs {args.providers[0]}  "
                   f"peak {mem:5.1f} GiB  {mfu}  host {host_ms:.1f} ms/step  "
                   f"(setup+warm-up {time.perf_counter() - begin:.0f} s)", flush=True)
-            if args.profile == label:
+            if args.profile == provider:
                 profile(step, args.profile_rows)
             del model, step
             torch.cuda.empty_cache()
         except Exception:  # one failing provider must not hide the others' numbers
-            print(f"{label:24s} FAILED", flush=True)
+            print(f"{provider:24s} FAILED", flush=True)
             traceback.print_exc()
 
 

@@ -4,7 +4,7 @@
 # installs mvmae_fast offline with its CUDA kernels, runs the GPU correctness tests (every backend,
 # fp32/fp16/bf16, every Triton kernel against its torch reference), then the benchmark suite,
 # writing <results-dir>/<GPU name>.json and its Markdown/PNG report.
-# The whole run takes ~20 minutes on an H100 (compiling the four compiled step cases is most of it);
+# The whole run takes ~17 minutes on an H100 (compiling the four compiled step cases is most of it);
 # to split it: STAGES="install tests train" (default: all four, plus "bench") and BENCH_ARGS, extra
 # pytest arguments for the suite, e.g. BENCH_ARGS='-k "vit_base"'.
 set -euo pipefail
@@ -38,11 +38,6 @@ fi
 has bench || exit 0
 
 gpu=$("$py" -c "import torch; print(torch.cuda.get_device_name().replace(' ', '_'))")
-# The opt-in CUDA autocast layers (mae+layers, mvmae+layers) against the shipped eager path and the
-# reference, ViT-B then ViT-L.
-"$py" benchmarks/cuda_step.py --providers reference mae mvmae | tee "$results/${gpu}_autocast_layers.log"
-"$py" benchmarks/cuda_step.py --providers reference mae --preset vit_large_patch16 --batch 128 \
-    | tee -a "$results/${gpu}_autocast_layers.log"
 if "$py" -c "import pytest_benchmark" 2>/dev/null; then
     eval "extra=(${BENCH_ARGS:-})"
     "$py" -m pytest benchmarks/ --benchmark-only -q --benchmark-json "$results/$gpu.json" "${extra[@]}"

@@ -12,6 +12,8 @@ Providers, at identical shapes, dtype, batch and (for the MAE cases) mask ratio:
   mae_compiled, mvmae_compiled   the same under torch.compile, as `train/pretrain.py --compile` runs
                     them (our kernels stay custom ops; inductor fuses the glue around them; skipped
                     on CPU at tiny size like the compiled peer)
+  mae_layers, mvmae_layers   CUDA only: mae / mvmae eager with MVMAE_FAST_CUDA_AUTOCAST_LAYERS=1 (the
+                    opt-in autocast layers with Triton elementwise kernels; mae and mvmae run with it 0)
 
 CUDA: bf16 autocast, GPU-resident synthetic batches, ViT-B/16 at 224 px batch 256 (and ViT-L).
 CPU: the micro preset (32 px, 4 px patches, D=128, depth 4), batch 64, and the tiny preset (D=192,
@@ -26,6 +28,8 @@ peak memory (CUDA), MFU = training FLOPs per image (mvmae_fast.training:
 H100/H200, device, torch and triton versions.
 """
 
+import contextlib
+import os
 import statistics
 import time
 import types
@@ -39,7 +43,9 @@ from conftest import SIZE, RESULTS
 from mvmae_fast import reference_mae, training
 from mvmae_fast.models import MVMAE, MVMAEConfig, PRESETS
 
-PROVIDERS = ["reference", "reference_sdpa_compiled", "mae", "mvmae", "mae_compiled", "mvmae_compiled"]
+PROVIDERS = ["reference", "reference_sdpa_compiled", "mae", "mvmae", "mae_compiled", "mvmae_compiled", "mae_layers",
+             "mvmae_layers"]
+LAYERS_ENV = "MVMAE_FAST_CUDA_AUTOCAST_LAYERS"  # mvmae_fast.ops.mlp.autocast.CUDA_LAYERS_ENV
 PEAK_FLOPS = {"H100": 989e12, "H200": 989e12, "A100": 312e12}
 
 
@@ -94,10 +100,11 @@ def make_step(provider, model, device, batch, config, precision="bf16"):
     amp = torch.autocast(device.type, dtype=torch.bfloat16, enabled=precision == "bf16")
     forward = torch.compile(model) if provider.endswith("_compiled") else model
     counter = {"step": 0}
+    layers = "1" if provider.endswith("_layers") else "0"
 
     def step():
         counter["step"] += 1
-        with amp:
+        with amp, _env(LAYERS_ENV, layers):
             if provider.startswith("reference"):
                 loss = forward(imgs, mask_ratio=0.75)[0]
             else:
@@ -108,6 +115,20 @@ def make_step(provider, model, device, batch, config, precision="bf16"):
         return loss
 
     return step
+
+
+@contextlib.contextmanager
+def _env(name, value):
+    """os.environ[name] = value inside the block, as it was after."""
+    old = os.environ.get(name)
+    os.environ[name] = value
+    try:
+        yield
+    finally:
+        if old is None:
+            del os.environ[name]
+        else:
+            os.environ[name] = old
 
 
 # A shared virtual CPU drifts 10-20% in speed within a minute, so the ratio of two cases timed one
@@ -145,6 +166,8 @@ def test_training_step(benchmark, device, variant, preset, precision):
         pytest.skip(f"{preset} runs on {'the CPU' if preset in CPU_PRESETS else 'CUDA'} only")
     if device.type == "cuda" and precision == "fp32":
         pytest.skip("CUDA steps run under bf16 autocast")
+    if variant.endswith("_layers") and device.type != "cuda":
+        pytest.skip("the autocast layers' Triton kernels are CUDA-only (on the CPU mae and mvmae have theirs)")
     if variant.endswith("_compiled") and device.type == "cpu" and SIZE == "tiny":
         pytest.skip("compiling on the CPU takes about a minute; run at full size")
     if variant.endswith("_compiled") and device.type == "cpu" and preset == "vit_tiny_patch4_32":

@@ -75,22 +75,27 @@ def test_report_names_the_dtype_a_case_ran_in(tmp_path):
     assert cells[4] == "115.0 us" and cells[5] == "12.5"
 
 
-def test_cuda_step_runs_each_eager_provider_with_and_without_the_layers():
-    """benchmarks/cuda_step.py's run list: eager mae / mvmae as asked (off, on, both), the rest once, in order
-    (in a fresh process: cuda_step imports benchmarks/conftest.py, which this suite's conftest shadows)."""
-    code = ("import json, sys; sys.path.insert(0, 'benchmarks'); from cuda_step import runs; "
-            "print(json.dumps({m: list(runs(['reference', 'mae', 'mae_compiled', 'mvmae'], m)) "
-            "for m in ('off', 'on', 'both')}))")
-    result = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=120)
+
+def test_layers_providers_switch_the_cuda_autocast_layers_per_step():
+    """benchmarks/test_step.py: a *_layers provider's steps run with MVMAE_FAST_CUDA_AUTOCAST_LAYERS=1, the
+    others' with 0, whatever the environment says, which is restored after each step (in a fresh process:
+    test_step imports benchmarks/conftest.py, which this suite's conftest shadows)."""
+    code = """
+import json, os, sys
+sys.path.insert(0, "benchmarks")
+import torch
+from test_step import LAYERS_ENV, build, make_step
+os.environ[LAYERS_ENV] = "outside"
+seen = {}
+for provider in ("mae", "mae_layers", "mvmae_layers"):
+    model, config = build(provider, "vit_micro_patch4_32", torch.device("cpu"))
+    model.register_forward_pre_hook(lambda *_, p=provider: seen.setdefault(p, os.environ[LAYERS_ENV]) and None)
+    make_step(provider, model, torch.device("cpu"), 2, config, "fp32")()
+print(json.dumps([seen, os.environ[LAYERS_ENV]]))
+"""
+    result = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr[-2000:]
     import json
 
-    got = {mode: [tuple(r) for r in rows] for mode, rows in json.loads(result.stdout.splitlines()[-1]).items()}
-    providers = ["reference", "mae", "mae_compiled", "mvmae"]
-    assert got["both"] == [
-        ("reference", "reference", False), ("mae", "mae", False), ("mae+layers", "mae", True),
-        ("mae_compiled", "mae_compiled", False), ("mvmae", "mvmae", False), ("mvmae+layers", "mvmae", True)]
-    assert got["on"] == [
-        ("reference", "reference", False), ("mae+layers", "mae", True), ("mae_compiled", "mae_compiled", False),
-        ("mvmae+layers", "mvmae", True)]
-    assert got["off"] == [(p, p, False) for p in providers]
+    seen, after = json.loads(result.stdout.splitlines()[-1])
+    assert seen == {"mae": "0", "mae_layers": "1", "mvmae_layers": "1"} and after == "outside"
