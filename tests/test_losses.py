@@ -263,8 +263,8 @@ def check_nce_fp32(z, B, t, expect_signal=True):
         assert float(ref_grad.abs().max()) > 1e-3
 
 
-# 2B = 6, 130; d = 17, 128; t = 0.1 and 0.05.
-@pytest.mark.parametrize("B,d,t", [(3, 17, 0.1), (3, 128, 0.05), (65, 17, 0.1), (65, 17, 0.05)])
+# 2B = 6, 130; d = 17, 128, 256 (the backward's 64- and 32-row programs); t = 0.1 and 0.05.
+@pytest.mark.parametrize("B,d,t", [(3, 17, 0.1), (3, 128, 0.05), (65, 17, 0.1), (65, 17, 0.05), (65, 256, 0.1)])
 def test_info_nce_fp32_matches_torch(B, d, t):
     check_nce_fp32(normalised(2 * B, d, seed=B + d), B, t)
 
@@ -302,11 +302,11 @@ def test_info_nce_nearly_orthogonal_and_small_temperature():
     check_nce_fp32(z, B, 0.05, expect_signal=False)  # saturated softmax: loss and gradients ~1e-8
 
 
-@pytest.mark.parametrize("offset", [0, 2, 4])
-def test_info_nce_local_rows_against_a_global_set(offset):
+@pytest.mark.parametrize("offset,d", [(0, 17), (2, 17), (4, 17), (2, 256)])
+def test_info_nce_local_rows_against_a_global_set(offset, d):
     """The distributed path: 2B = 2 local rows against 6 keys (3 ranks' rows), offset = rank * 2B;
     gradients reach both the local rows (anchor role) and the global set (key role)."""
-    everyone = normalised(6, 17, seed=offset)
+    everyone = normalised(6, d, seed=offset)
     results = {}
     for backend in ("torch", "triton"):
         keys = everyone.clone().requires_grad_()

@@ -14,7 +14,7 @@ Each is one kernel over blocks of output rows that loops over every block of the
 recomputes the logits tile, so each output row is written once by one program: deterministic, no
 atomics. In a single process q = k and s is symmetric, so one tile gives both roles:
 dz_i = c (sum_j (p_ij + p_ji) z_j - 2 z_partner(i)), with p_ji = exp(s_ij - LSE_j).
-For large d the output columns are split over a second grid axis (the tile is recomputed per split).
+Past d = 256 the output columns are split over a second grid axis (the tile is recomputed per split).
 """
 
 import torch
@@ -24,7 +24,15 @@ import triton.language as tl
 BLOCK_M = 64  # anchors (or output rows) per program
 BLOCK_N = 64  # keys per inner tile
 BLOCK_D = 64  # reduction chunk of the logits
-MAX_BLOCK_OUT = 128  # output columns per backward program
+MAX_BLOCK_OUT = 256  # output columns per backward program
+WIDE_BLOCK_M = 32  # output rows per backward program when its rows hold over 256 bytes of y
+NUM_WARPS = 8
+# Compiled for sm_90 (tests/triton_aot.py), the forward at 4 warps spilled 128 (bf16) and 368 (fp32)
+# bytes at 255 registers; at 8 warps it takes 175-188 and spills nothing. The backward keeps every
+# output column of rows up to d = 256 in one program (64 x 128 columns per program used to recompute
+# each row block's logits once per 128 columns: 3 instead of 2 n N d multiply-adds at d = 256), with
+# 32 rows a program where a row of y holds over 256 bytes, to stay within the registers (64 rows
+# spilled 256 bytes at d = 256 in bf16, 24-40 at d = 128 and 1488 at d = 256 in fp32; 32, none).
 
 # fp32 inputs: exact fp32 products (a GPU's default, tf32, would move logits at t = 0.05 by ~0.02).
 FP32_DOT_PRECISION = "ieee"
@@ -158,20 +166,33 @@ def _block_d(d):
     return max(16, min(BLOCK_D, triton.next_power_of_2(d)))
 
 
+def forward_launch(d):
+    """The forward kernel's tile sizes and num_warps for rows of d values."""
+    return dict(BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, BLOCK_D=_block_d(d), num_warps=NUM_WARPS)
+
+
+def backward_launch(d, itemsize):
+    """The backward kernel's tile sizes (BLOCK_OUT output columns per program) and num_warps, for rows
+    of d values of ``itemsize`` bytes as the kernel loads them."""
+    block_out = max(16, min(MAX_BLOCK_OUT, triton.next_power_of_2(d)))
+    return dict(BLOCK_M=BLOCK_M if block_out * itemsize <= 256 else WIDE_BLOCK_M, BLOCK_N=BLOCK_N,
+                BLOCK_D=_block_d(d), BLOCK_OUT=block_out, num_warps=NUM_WARPS)
+
+
 def forward(q, k, offset, temperature, lse, row_loss):
     """q (n, d), k (N, d) contiguous; writes lse (n,) and row_loss (n,) in fp32."""
     n, d = q.shape
-    _info_nce_fwd_kernel[(triton.cdiv(n, BLOCK_M),)](
-        q, k, lse, row_loss, n, k.shape[0], d, offset, _LOG2E / temperature,
-        BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, BLOCK_D=_block_d(d), **_dot_options(q))
+    launch = forward_launch(d)
+    _info_nce_fwd_kernel[(triton.cdiv(n, launch["BLOCK_M"]),)](
+        q, k, lse, row_loss, n, k.shape[0], d, offset, _LOG2E / temperature, **launch, **_dot_options(q))
 
 
 def backward(role, x, y, lse, grad, dx, n, offset, temperature):
     """dx (rows of x, d) for ``role`` (ANCHOR, KEY or BOTH); grad is the loss's upstream gradient."""
     n_x, d = x.shape
-    block_out = max(16, min(MAX_BLOCK_OUT, triton.next_power_of_2(d)))
-    grid = (triton.cdiv(n_x, BLOCK_M), triton.cdiv(d, block_out))
+    options = _dot_options(x)
+    launch = backward_launch(d, 4 if options["UPCAST"] else x.element_size())
+    grid = (triton.cdiv(n_x, launch["BLOCK_M"]), triton.cdiv(d, launch["BLOCK_OUT"]))
     _info_nce_bwd_kernel[grid](
         x, y, lse, grad, dx, n_x, y.shape[0], n, d, offset, _LOG2E / temperature, 1.0 / (n * temperature),
-        ROLE=role, BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, BLOCK_D=_block_d(d), BLOCK_OUT=block_out,
-        num_warps=8, **_dot_options(x))
+        ROLE=role, **launch, **options)

@@ -30,9 +30,17 @@ import triton
 import triton.language as tl
 
 MAX_DIM = 8192  # a LayerNorm row sits in one program's registers
-TILE_ELEMENTS = 4096  # rows per program of the row kernels = TILE_ELEMENTS // next_pow2(D)
+# Values per program (rows per program = TILE // next_pow2(D)) and per thread (num_warps =
+# TILE // (32 * per thread), 4 to 32) of the LayerNorm kernels. The backward holds about twice the
+# forward's live values per element (dh, x, xhat, dx and the dw/db accumulators): with the forward's
+# 4096-value tile and 8 warps it took 240-255 registers on sm_90 (one program per SM) and spilled at
+# D = 8192; in 1024-value tiles (or one row) with 8 values a thread, 64-128 registers on sm_80 and
+# sm_90 at every width and no spills (tests/test_triton_compile.py checks).
+TILE_ELEMENTS, VALUES_PER_THREAD = 4096, 16
+BACKWARD_TILE_ELEMENTS, BACKWARD_VALUES_PER_THREAD = 1024, 8
 SUM_BLOCK_R = 16  # rows per step of the column-sum kernels
 SUM_BLOCK_C = 128  # columns per program of the column-sum kernels
+SUM_WARPS = 8  # 8 values a thread: 32-40 registers (4 warps: 144-188, the compiler pipelines the loads)
 MAX_SUM_GROUPS = 512  # row groups (float32 partial rows) of a column sum at most
 GELU_BLOCK = 1024
 # Constants the kernels read: compiled Triton reads only globals made tl.constexpr (the interpreter
@@ -140,13 +148,29 @@ def _colsum_kernel(g_ptr, deriv_ptr, out_ptr, partial_ptr, rows, C, rows_per_gro
     tl.store(partial_ptr + group.to(tl.int64) * C + c, tl.sum(acc, axis=0), mask=c_ok)
 
 
-def _row_block(D):
+def _row_launch(D, tile, per_thread, max_rows):
     block_d = triton.next_power_of_2(D)
-    return max(1, TILE_ELEMENTS // block_d), block_d
+    block_r = max(1, min(max_rows, tile // block_d))
+    warps = min(32, max(4, triton.next_power_of_2(block_r * block_d // (32 * per_thread))))
+    return dict(BLOCK_R=block_r, BLOCK_D=block_d, num_warps=warps)
 
 
-def _warps(elements):
-    return 8 if elements >= 4096 else 4
+def layer_norm_launch(D):
+    """The LayerNorm forward's tile (BLOCK_R rows of BLOCK_D values) and num_warps for rows of D values."""
+    return _row_launch(D, TILE_ELEMENTS, VALUES_PER_THREAD, TILE_ELEMENTS)
+
+
+def layer_norm_backward_launch(D):
+    """The LayerNorm backward's tile and num_warps (at most 16 rows: its accumulators are whole tiles)."""
+    return _row_launch(D, BACKWARD_TILE_ELEMENTS, BACKWARD_VALUES_PER_THREAD, 16)
+
+
+def column_sum_launch():
+    return dict(BLOCK_R=SUM_BLOCK_R, BLOCK_C=SUM_BLOCK_C, num_warps=SUM_WARPS)
+
+
+def gelu_launch():
+    return dict(BLOCK=GELU_BLOCK, num_warps=4)
 
 
 def _groups(rows, block_r):
@@ -176,11 +200,10 @@ def layer_norm(x2d, weight, bias, eps, h, mean, rstd):
     rows, D = x2d.shape
     if rows == 0:
         return h, mean, rstd
-    block_r, block_d = _row_block(D)
+    launch = layer_norm_launch(D)
     with _on(x2d.device):
-        _layer_norm_kernel[(triton.cdiv(rows, block_r),)](
-            x2d, weight, bias, h, mean, rstd, rows, D, float(eps), BLOCK_R=block_r, BLOCK_D=block_d,
-            num_warps=_warps(block_r * block_d))
+        _layer_norm_kernel[(triton.cdiv(rows, launch["BLOCK_R"]),)](
+            x2d, weight, bias, h, mean, rstd, rows, D, float(eps), **launch)
     return h, mean, rstd
 
 
@@ -188,15 +211,13 @@ def layer_norm_backward(dh, x2d, mean, rstd, weight, residual, dx):
     """dh (rows, D) act, x2d float32 -> dx (rows, D) float32 (+ residual, float32, when given: written
     in place), and the weight's and the bias's gradients (D,) float32."""
     rows, D = x2d.shape
-    block_r, block_d = _row_block(D)
-    block_r = min(block_r, 16)
-    groups, per_group = _groups(rows, block_r)
+    launch = layer_norm_backward_launch(D)
+    groups, per_group = _groups(rows, launch["BLOCK_R"])
     partial = torch.empty(2, groups, D, dtype=torch.float32, device=x2d.device)
     with _on(x2d.device):
         _layer_norm_backward_kernel[(groups,)](
             dh, x2d, mean, rstd, weight, x2d if residual is None else residual, dx, partial[0], partial[1],
-            rows, D, per_group, HAS_RESIDUAL=residual is not None, BLOCK_R=block_r, BLOCK_D=block_d,
-            num_warps=_warps(block_r * block_d))
+            rows, D, per_group, HAS_RESIDUAL=residual is not None, **launch)
     sums = partial.sum(dim=1)
     return dx, sums[0], sums[1]
 
@@ -206,7 +227,7 @@ def gelu_forward(pre, act, deriv):
     n = pre.numel()
     if n:
         with _on(pre.device):
-            _gelu_forward_kernel[(triton.cdiv(n, GELU_BLOCK),)](pre, act, deriv, n, BLOCK=GELU_BLOCK, num_warps=4)
+            _gelu_forward_kernel[(triton.cdiv(n, GELU_BLOCK),)](pre, act, deriv, n, **gelu_launch())
     return act, deriv
 
 
@@ -218,7 +239,7 @@ def _column_sums(mode, g, deriv, out):
         with _on(g.device):
             _colsum_kernel[(groups, triton.cdiv(C, SUM_BLOCK_C))](
                 g, g if deriv is None else deriv, g if out is None else out, partial, rows, C, per_group,
-                MODE=mode, BLOCK_R=SUM_BLOCK_R, BLOCK_C=SUM_BLOCK_C, num_warps=4)
+                MODE=mode, **column_sum_launch())
     return partial.sum(dim=0)
 
 

@@ -13,6 +13,10 @@ import triton
 import triton.language as tl
 
 TILE_ELEMENTS = 4096  # rows per program = TILE_ELEMENTS // next_pow2(p*p*C), at least 1
+# Values a thread (num_warps = tile // (32 * this), 4 to 32). At 16 (8 warps a 4096-value tile) the
+# sm_90 build took 190-210 registers at P = 48 and spilled in the float16 backward at P = 768; at 8,
+# 32-114 and no spills (tests/test_triton_compile.py checks).
+VALUES_PER_THREAD = 8
 
 
 @triton.jit
@@ -62,19 +66,24 @@ def _rows_per_program(P):
     return max(1, TILE_ELEMENTS // triton.next_power_of_2(P))
 
 
+def launch_config(P):
+    """(BLOCK_R, BLOCK_P, num_warps) for prediction rows of P values."""
+    rows, block_p = _rows_per_program(P), triton.next_power_of_2(P)
+    return rows, block_p, min(32, max(4, rows * block_p // (32 * VALUES_PER_THREAD)))
+
+
 def _launch(pred, imgs, ids, patch_size, norm_pix_loss, *, partial=None, grad_losses=None, grad=None):
     """The forward pass (given partial) or the backward pass (given grad_losses and grad); pointer
     arguments a pass does not use get pred."""
     V, B, C, _, W = imgs.shape
     M, P = pred.shape[1], pred.shape[2]
-    rows = _rows_per_program(P)
-    block_p = triton.next_power_of_2(P)
+    rows, block_p, warps = launch_config(P)
     backward = grad is not None
     _recon_rows_kernel[(triton.cdiv(B * M, rows), V)](
         pred, imgs, ids, pred if backward else partial, grad_losses if backward else pred, grad if backward else pred,
         B * M, M, P, C, patch_size, W // patch_size, *imgs.stride(), 2.0 / (P * B * M),
         NORM=norm_pix_loss, BACKWARD=backward, BLOCK_R=rows, BLOCK_P=block_p,
-        num_warps=8 if rows * block_p >= 4096 else 4)
+        num_warps=warps)
 
 
 def squared_error_sums(pred, imgs, ids, patch_size, norm_pix_loss):
