@@ -5,8 +5,8 @@
 # fp32/fp16/bf16, every Triton kernel against its torch reference), then the benchmark suite,
 # writing <results-dir>/<GPU name>.json and its Markdown/PNG report.
 # The whole run takes ~17 minutes on an H100 (compiling the four compiled step cases is most of it);
-# to split it: STAGES="install tests train" (default: all four, plus "bench") and BENCH_ARGS, extra
-# pytest arguments for the suite, e.g. BENCH_ARGS='-k "vit_base"'.
+# to split it: STAGES="install tests train" (default: all four, plus "bench") and BENCH_ARGS, the
+# suite's pytest selection (default '-k cuda'), e.g. BENCH_ARGS='-k "cuda and vit_base"'.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 results="${1:-benchmarks/results}"
@@ -27,19 +27,23 @@ parallel=()
 has tests && "$py" -m pytest tests/test_cuda.py tests/test_cuda_kernels.py tests/test_autocast_triton_layers.py \
     -q -rs "${parallel[@]}"
 
-# The training entrypoint on the GPU: a short MV-MAE run (bf16 autocast), eager and compiled.
+# The training entrypoint on the GPU: a short MV-MAE run (bf16 autocast), eager and compiled, on the
+# digits (scikit-learn's) or, where scikit-learn is not installed, the generated shapes.
 if has train; then
     run_dir=$(mktemp -d)
-    "$py" train/pretrain.py --epochs 1 --max-batches-per-epoch 20 --output-dir "$run_dir/eager"
-    "$py" train/pretrain.py --epochs 1 --max-batches-per-epoch 20 --compile --output-dir "$run_dir/compiled"
-    MVMAE_FAST_CUDA_AUTOCAST_LAYERS=1 "$py" train/pretrain.py --epochs 1 --max-batches-per-epoch 20 \
-        --output-dir "$run_dir/autocast_layers"
+    data=digits
+    "$py" -c "import sklearn" 2>/dev/null || data=shapes
+    quick=(--data "$data" --epochs 1 --max-batches-per-epoch 20 --probe-epochs 5 --knn-every 0)
+    "$py" train/pretrain.py "${quick[@]}" --output-dir "$run_dir/eager"
+    "$py" train/pretrain.py "${quick[@]}" --compile --output-dir "$run_dir/compiled"
+    MVMAE_FAST_CUDA_AUTOCAST_LAYERS=1 "$py" train/pretrain.py "${quick[@]}" --output-dir "$run_dir/autocast_layers"
 fi
 has bench || exit 0
 
 gpu=$("$py" -c "import torch; print(torch.cuda.get_device_name().replace(' ', '_'))")
 if "$py" -c "import pytest_benchmark" 2>/dev/null; then
-    eval "extra=(${BENCH_ARGS:-})"
+    # The CUDA cases only (the CPU ones measure this host's CPU, not the CPU results' machine).
+    eval "extra=(${BENCH_ARGS:--k cuda})"
     "$py" -m pytest benchmarks/ --benchmark-only -q --benchmark-json "$results/$gpu.json" "${extra[@]}"
     "$py" benchmarks/report.py "$results/$gpu.json"
 else
