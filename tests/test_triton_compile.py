@@ -35,8 +35,11 @@ def compile_group(group, dtype, archs):
                             text=True, timeout=900)
     assert result.returncode == 0, result.stderr[-4000:]
     lines = re.findall(r"^ok (\d+) (\w+) regs=(\d+|\?) spill=(\d+|\?)$", result.stdout, re.MULTILINE)
-    known = lambda v: None if v == "?" else int(v)  # noqa: E731
-    return [(int(arch), name, known(regs), known(spill)) for arch, name, regs, spill in lines]
+    return [(int(arch), name, _count(regs), _count(spill)) for arch, name, regs, spill in lines]
+
+
+def _count(text):
+    return None if text == "?" else int(text)
 
 
 @pytest.mark.parametrize("group,dtype,archs", RUNS, ids=[f"{g}-{d}" for g, d, _ in RUNS])
