@@ -25,7 +25,7 @@ import time
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from test_step import CASES, CPU_PRESETS, PROVIDERS, build, make_step  # noqa: E402
+from test_step import CASES, CPU_PRESETS, CPU_PROVIDERS, build, make_step  # noqa: E402
 
 from mvmae_fast import _ext, runtime  # noqa: E402
 
@@ -45,7 +45,7 @@ def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("base", help="a checkout whose extension is built in place")
     parser.add_argument("--provider", default="mae",
-                        choices=[p for p in PROVIDERS if not p.startswith("reference") and not p.endswith("_layers")])
+                        choices=[p for p in CPU_PROVIDERS if not p.startswith("reference")])
     parser.add_argument("--precision", default="fp32", choices=("fp32", "bf16"))
     parser.add_argument("--preset", default="vit_tiny_patch4_32", choices=CPU_PRESETS)
     parser.add_argument("--rounds", type=int, default=16)

@@ -32,7 +32,7 @@ import time
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from test_step import CPU_PRESETS, PROVIDERS, build, make_step  # noqa: E402
+from test_step import CPU_PRESETS, CPU_PROVIDERS, build, make_step  # noqa: E402
 
 from mvmae_fast import runtime  # noqa: E402
 
@@ -41,7 +41,7 @@ BATCH = 64
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--providers", nargs="+", choices=[p for p in PROVIDERS if not p.endswith("_layers")],
+    parser.add_argument("--providers", nargs="+", choices=CPU_PROVIDERS,
                         default=["reference", "mae"])
     parser.add_argument("--precision", nargs="+", choices=("fp32", "bf16"), default=["fp32", "bf16"])
     parser.add_argument("--preset", default="vit_micro_patch4_32",

@@ -28,11 +28,11 @@ peak memory (CUDA), MFU = training FLOPs per image (mvmae_fast.training:
 H100/H200, device, torch and triton versions.
 """
 
-import contextlib
 import os
 import statistics
 import time
 import types
+from unittest import mock
 
 import pytest
 import torch
@@ -42,10 +42,12 @@ import conftest
 from conftest import SIZE, RESULTS
 from mvmae_fast import reference_mae, training
 from mvmae_fast.models import MVMAE, MVMAEConfig, PRESETS
+from mvmae_fast.ops.mlp.autocast import CUDA_LAYERS_ENV
 
 PROVIDERS = ["reference", "reference_sdpa_compiled", "mae", "mvmae", "mae_compiled", "mvmae_compiled", "mae_layers",
              "mvmae_layers"]
-LAYERS_ENV = "MVMAE_FAST_CUDA_AUTOCAST_LAYERS"  # mvmae_fast.ops.mlp.autocast.CUDA_LAYERS_ENV
+CPU_PROVIDERS = [p for p in PROVIDERS if not p.endswith("_layers")]  # the *_layers ones are CUDA only
+LAYERS_ENV = CUDA_LAYERS_ENV
 PEAK_FLOPS = {"H100": 989e12, "H200": 989e12, "A100": 312e12}
 
 
@@ -104,7 +106,7 @@ def make_step(provider, model, device, batch, config, precision="bf16"):
 
     def step():
         counter["step"] += 1
-        with amp, _env(LAYERS_ENV, layers):
+        with amp, mock.patch.dict(os.environ, {LAYERS_ENV: layers}):
             if provider.startswith("reference"):
                 loss = forward(imgs, mask_ratio=0.75)[0]
             else:
@@ -115,20 +117,6 @@ def make_step(provider, model, device, batch, config, precision="bf16"):
         return loss
 
     return step
-
-
-@contextlib.contextmanager
-def _env(name, value):
-    """os.environ[name] = value inside the block, as it was after."""
-    old = os.environ.get(name)
-    os.environ[name] = value
-    try:
-        yield
-    finally:
-        if old is None:
-            del os.environ[name]
-        else:
-            os.environ[name] = old
 
 
 # A shared virtual CPU drifts 10-20% in speed within a minute, so the ratio of two cases timed one
@@ -166,7 +154,7 @@ def test_training_step(benchmark, device, variant, preset, precision):
         pytest.skip(f"{preset} runs on {'the CPU' if preset in CPU_PRESETS else 'CUDA'} only")
     if device.type == "cuda" and precision == "fp32":
         pytest.skip("CUDA steps run under bf16 autocast")
-    if variant.endswith("_layers") and device.type != "cuda":
+    if variant not in CPU_PROVIDERS and device.type != "cuda":
         pytest.skip("the autocast layers' Triton kernels are CUDA-only (on the CPU mae and mvmae have theirs)")
     if variant.endswith("_compiled") and device.type == "cpu" and SIZE == "tiny":
         pytest.skip("compiling on the CPU takes about a minute; run at full size")

@@ -1,5 +1,6 @@
 """benchmarks/report.py on a real (tiny) benchmark run."""
 
+import json
 import os
 import subprocess
 import sys
@@ -75,7 +76,6 @@ def test_report_names_the_dtype_a_case_ran_in(tmp_path):
     assert cells[4] == "115.0 us" and cells[5] == "12.5"
 
 
-
 def test_layers_providers_switch_the_cuda_autocast_layers_per_step():
     """benchmarks/test_step.py: a *_layers provider's steps run with MVMAE_FAST_CUDA_AUTOCAST_LAYERS=1, the
     others' with 0, whatever the environment says, which is restored after each step (in a fresh process:
@@ -95,7 +95,5 @@ print(json.dumps([seen, os.environ[LAYERS_ENV]]))
 """
     result = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr[-2000:]
-    import json
-
     seen, after = json.loads(result.stdout.splitlines()[-1])
     assert seen == {"mae": "0", "mae_layers": "1", "mvmae_layers": "1"} and after == "outside"

@@ -148,16 +148,16 @@ def _colsum_kernel(g_ptr, deriv_ptr, out_ptr, partial_ptr, rows, C, rows_per_gro
     tl.store(partial_ptr + group.to(tl.int64) * C + c, tl.sum(acc, axis=0), mask=c_ok)
 
 
-def _row_launch(D, tile, per_thread, max_rows):
+def _row_launch(D, tile, per_thread, max_rows=None):
     block_d = triton.next_power_of_2(D)
-    block_r = max(1, min(max_rows, tile // block_d))
+    block_r = max(1, tile // block_d if max_rows is None else min(max_rows, tile // block_d))
     warps = min(32, max(4, triton.next_power_of_2(block_r * block_d // (32 * per_thread))))
     return dict(BLOCK_R=block_r, BLOCK_D=block_d, num_warps=warps)
 
 
 def layer_norm_launch(D):
     """The LayerNorm forward's tile (BLOCK_R rows of BLOCK_D values) and num_warps for rows of D values."""
-    return _row_launch(D, TILE_ELEMENTS, VALUES_PER_THREAD, TILE_ELEMENTS)
+    return _row_launch(D, TILE_ELEMENTS, VALUES_PER_THREAD)
 
 
 def layer_norm_backward_launch(D):
