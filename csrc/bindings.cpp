@@ -113,6 +113,9 @@ PYBIND11_MODULE(_C, m) {
       py::arg("heads"), py::arg("head_dim"), py::arg("row_stride"), py::arg("batch_stride"),
       py::arg("threads"));
 
+  m.def("attention_bf16_dot", &attention_bf16_dot, py::arg("head_dim"),
+        "Whether bfloat16 attention of this head dim runs its products on AVX512-BF16 (else float32).");
+
   m.def(
       "attention_backward_cpu",
       [](uintptr_t grad_out, uintptr_t qkv, uintptr_t out, uintptr_t lse, uintptr_t dqkv, int dtype,

@@ -24,6 +24,9 @@ int scatter_rows_cpu(const void* y, const void* ids, int index_bytes, void* out,
 void attention_forward_cpu(const void* qkv, void* out, float* lse, int dtype, int64_t batch, int64_t seq,
                            int64_t heads, int64_t head_dim, int64_t row_stride, int64_t batch_stride,
                            int threads);
+// Whether attention_*_cpu run bfloat16 heads of this head dim on AVX512-BF16 products (cpu/bf16_dot.h)
+// rather than in float32: the CPU has them, the head dim is even and MVMAE_FAST_CPU_ISA allows them.
+bool attention_bf16_dot(int64_t head_dim);
 void attention_backward_cpu(const void* grad_out, const void* qkv, const void* out, const float* lse,
                             void* dqkv, int dtype, int64_t batch, int64_t seq, int64_t heads,
                             int64_t head_dim, int64_t row_stride, int64_t batch_stride, int threads);

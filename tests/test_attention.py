@@ -9,12 +9,16 @@ float32 and rounds once, a stricter baseline than any tiled kernel that rounds p
 fp16 before the second matmul, hence the floor.
 """
 
+import os
+import subprocess
+import sys
+
 import pytest
 import torch
 from torch.fx.experimental.proxy_tensor import make_fx
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
-from mvmae_fast import UnsupportedBackendError, backends, use_backend
+from mvmae_fast import UnsupportedBackendError, _ext, backends, use_backend
 from mvmae_fast.models.layers import Attention
 from mvmae_fast.ops import attention
 from mvmae_fast.ops.attention import IMPLEMENTED, KERNEL_BACKENDS, MAX_CPP_SEQ_LEN, triton_impl
@@ -105,6 +109,42 @@ def test_matches_reference_bfloat16(shape, backend):
     check_against_reference(shape, torch.bfloat16, backend)
 
 
+# The bfloat16 heads on AVX512-BF16 products (where the CPU has them; else the float32 heads): the
+# preset steps' encoder and decoder shapes, one row, an even row count that fills its vectors (16),
+# pairs left over along keys and queries (odd N), head dims of one pair (2), of 16 pairs + 1 (34, a
+# ragged word block), 80 (padded output lanes) and an odd one (33: the float32 heads instead).
+BF16_CPP_SHAPES = [(3, 3, 17, 64), (2, 4, 65, 32), (2, 2, 1, 32), (1, 2, 16, 64), (2, 1, 31, 2), (1, 2, 47, 34),
+                   (1, 1, 50, 80), (2, 1, 9, 33)]
+
+
+@pytest.mark.parametrize("shape", BF16_CPP_SHAPES, ids=shape_id)
+def test_cpp_bfloat16(shape):
+    check_against_reference(shape, torch.bfloat16, "cpp", seed=2)
+
+
+def test_cpp_bfloat16_dot_dispatch():
+    """attention_bf16_dot: even head dims only, and only where the CPU has AVX512-BF16."""
+    flags = open("/proc/cpuinfo").read() if sys.platform.startswith("linux") else ""
+    has = " avx512_bf16" in flags and os.environ.get("MVMAE_FAST_CPU_ISA") not in ("avx512", "avx2", "generic")
+    assert _ext._C.attention_bf16_dot(64) == has and _ext._C.attention_bf16_dot(2) == has
+    assert not _ext._C.attention_bf16_dot(33)
+
+
+@pytest.mark.skipif(_ext._C is None or not _ext._C.attention_bf16_dot(64),
+                    reason="the CPU has no AVX512-BF16: the float32 heads already run everywhere")
+def test_cpp_float32_heads_for_bfloat16():
+    """MVMAE_FAST_CPU_ISA=avx512 (read once per process) keeps AVX-512 but not its BF16 products: the
+    cpp tests pass on the float32 heads too, in a fresh process."""
+    env = {**os.environ, "MVMAE_FAST_CPU_ISA": "avx512"}
+    probe = subprocess.run([sys.executable, "-c", "from mvmae_fast import _ext; print(_ext._C.attention_bf16_dot(64))"],
+                           env=env, capture_output=True, text=True, check=True)
+    assert probe.stdout.strip() == "False"
+    result = subprocess.run([sys.executable, "-m", "pytest", __file__, "-q", "-x", "-p", "no:cacheprovider", "-k",
+                             "cpp and not float32_heads"], env=env, capture_output=True, text=True)
+    assert result.returncode == 0, result.stdout[-4000:] + result.stderr[-2000:]
+    assert " passed" in result.stdout.splitlines()[-1]
+
+
 @pytest.mark.parametrize("shape", [(1, 1, 3, 1), (2, 2, 7, 17), (1, 1, 33, 200)], ids=shape_id)
 def test_cpp_odd_head_dims(shape):
     """The cpp kernel pads head dims to 16 floats and sequences to 16 columns: odd sizes, no limit."""
@@ -123,7 +163,12 @@ def test_cpp_conversions_are_exact(dtype):
     out = attention(qkv, 1, backend="cpp")
     assert torch.equal(out.view(-1).isnan(), v.isnan())
     keep = ~v.isnan()
-    assert torch.equal(out.view(-1)[keep], v[keep])
+    expected = v
+    if dtype == torch.bfloat16 and _ext._C.attention_bf16_dot(32):
+        # AVX512-BF16 products read subnormal bfloat16 as zero (as oneDNN's bfloat16 GEMMs do).
+        expected = torch.where(v.abs() < info.tiny, torch.zeros_like(v), v)
+        assert not torch.equal(expected, v)  # the special values include one
+    assert torch.equal(out.view(-1)[keep], expected[keep])
 
     # Two tokens with identical keys: each probability is exactly 1/2.
     v1, v2 = torch.randn(2, 32).to(dtype).unbind(0)
@@ -137,11 +182,12 @@ def test_cpp_conversions_are_exact(dtype):
 # (B, H, N, Dh) with heads big enough that each is worth a thread: one sample and three (ranges of
 # (sample, head) tasks that split samples between threads), and seven (ranges uneven for 2 and 3
 # threads), from which a thread that finishes first takes the others' last tasks.
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
 @pytest.mark.parametrize("shape", [(4, 3, 33, 32), (1, 3, 65, 64), (3, 2, 65, 64), (7, 2, 65, 64)], ids=shape_id)
-def test_cpp_independent_of_thread_count(shape):
+def test_cpp_independent_of_thread_count(shape, dtype):
     """The same bits for every thread count and schedule; more threads than cores (4 here) get
     descheduled mid-call, so the others take over their samples."""
-    qkv, grad = make_qkv(*shape, torch.float32)
+    qkv, grad = make_qkv(*shape, dtype)
     threads = torch.get_num_threads()
     results = []
     for count in (1, 2, 3, 4):
@@ -156,6 +202,9 @@ def test_cpp_independent_of_thread_count(shape):
         for name in one:
             assert torch.equal(one[name], other[name]), name
     expected = run(lambda x: ref_attention(x, shape[1]), qkv.double(), grad.double())
+    if dtype == torch.bfloat16:
+        assert_accurate(one, run(lambda x: sdpa_math(x, shape[1]), qkv, grad), expected, dtype)
+        return
     for name in one:
         torch.testing.assert_close(one[name].double(), expected[name], rtol=1e-4, atol=1e-5)
 

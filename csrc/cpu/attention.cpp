@@ -6,16 +6,21 @@
 // N x N score matrix of a head lives in a per-thread fp32 scratch (N is 17-257 for MAE's encoders and
 // decoders), so every product is one register-blocked micro-GEMM with no softmax rescaling passes.
 // The scores are kept transposed (keys down, queries across the vector lanes; see forward_head),
-// which makes the softmax statistics vertical vector operations. bfloat16 and float16 are converted
-// to float32 on load and rounded once on store.
+// which makes the softmax statistics vertical vector operations. float16, and bfloat16 on CPUs
+// without AVX512-BF16, are converted to float32 on load and rounded once on store. bfloat16 with an
+// even head dim on a CPU with AVX512-BF16 takes forward_head_dot / backward_head_dot instead: the
+// products on vdpbf16ps (bf16_dot.h), P and dS rounded to bfloat16 for them as autocast's matmuls
+// round them (1.3-1.5x faster per call at MAE's tiny-preset shapes on a Zen 4).
 #include <algorithm>
 #include <atomic>
 #include <cmath>
+#include <cstdlib>
 #include <cstring>
 #include <vector>
 
 #include "../ops.h"
 #include "parallel.h"
+#include "bf16_dot.h"
 #include "simd.h"
 
 namespace mvmae_fast {
@@ -216,12 +221,155 @@ MVF_CPU_CLONES void backward_head(const void* grad_out, const void* qkv, const v
   store(g, 2, 1.0f);
 }
 
+#if MVF_HAVE_BF16_DOT
+// bfloat16 inputs on AVX512-BF16 (bf16_dot.h): every product on vdpbf16ps, straight from the
+// bfloat16 q, k, v and dO (no float32 copies of them), softmax and its gradient in float32. As in
+// the float32 heads, scores are kept transposed (keys down, queries across the lanes). The
+// probabilities and the score gradient are rounded to bfloat16 for the products that read them (P v,
+// dS k, dS^T q, P^T dO), as autocast's bfloat16 matmuls round them; q is not prescaled (the scale
+// multiplies the float32 scores, and dq and dk on the way out). Head dims must be even (pairs).
+struct DotDims {
+  int64_t N, np, dp, D2, N2;
+  explicit DotDims(const Shape& s)
+      : N(s.seq), np(s.np()), dp(s.dp()), D2(s.head_dim / 2), N2((s.seq + 1) / 2) {}
+};
+
+MVF_INLINE const uint16_t* bf16_ptr(const void* p) { return static_cast<const uint16_t*>(p); }
+
+// Output rows i of a head: acc[i * dp + d] * mul (/ divisor[i]) rounded to bfloat16, at base(i).
+template <class Base>
+MVF_BF16_INLINE void store_rows_bf16(const float* acc, const DotDims& t, int64_t head_dim, const Base& base, float mul,
+                                     const float* divisor, void* dst) {
+  uint16_t* out = static_cast<uint16_t*>(dst);
+  for (int64_t i = 0; i < t.N; ++i) {
+    const float m = divisor ? mul / divisor[i] : mul;
+    uint16_t* __restrict o = out + base(i);
+    const float* __restrict a = acc + i * t.dp;
+    for (int64_t d = 0; d < head_dim; ++d) o[d] = float_to_bf16(a[d] * m);
+  }
+}
+
+MVF_BF16_TARGET void forward_head_dot(const void* qkv, void* out, float* lse, const Shape& s, int64_t b, int64_t h,
+                                      float* scratch, Ahead& ahead) {
+  const DotDims t(s);
+  const int64_t N = t.N, np = t.np, dp = t.dp;
+  uint32_t* qt = reinterpret_cast<uint32_t*>(scratch);  // D2 x np: q^T, pairs along d
+  float* pt = reinterpret_cast<float*>(qt + t.D2 * np);  // N x np: S^T / scale, then exp
+  uint32_t* pp = reinterpret_cast<uint32_t*>(pt + N * np);  // N2 x np: P, pairs along keys
+  uint32_t* vp = pp + t.N2 * np;                            // N2 x dp: v, pairs along keys
+  float* o = reinterpret_cast<float*>(vp + t.N2 * dp);      // N x dp: unnormalised output
+  float* mx = o + N * dp;                                   // np: per-query maximum of S^T / scale
+  float* sum = mx + np;                                     // np
+  const uint16_t* x = bf16_ptr(qkv);
+  word_columns(x, qkv_rows(s, b, 0, h), N, np, t.D2, qt);
+  dot_gemm(x + qkv_row(s, b, 0, 1, h), s.row_stride, 2, qt, np, pt, np, N, t.D2, np, &ahead);  // k q^T
+  for (int64_t c = 0; c < np; ++c) {
+    mx[c] = -INFINITY;
+    sum[c] = 0.0f;
+  }
+  for (int64_t j = 0; j < N; ++j)
+    for (int64_t c = 0; c < np; ++c) mx[c] = mx[c] < pt[j * np + c] ? pt[j * np + c] : mx[c];
+  for (int64_t j = 0; j < N; ++j) {
+    float* row = pt + j * np;
+    for (int64_t c = 0; c < np; ++c) {
+      row[c] = exp_nonpositive((row[c] - mx[c]) * s.scale);
+      sum[c] += row[c];
+    }
+  }
+  float_row_pairs(pt, N, np, pp);
+  row_pairs(x, qkv_rows(s, b, 2, h), N, s.head_dim, dp, vp);
+  dot_gemm(reinterpret_cast<const uint16_t*>(pp), 2, 2 * np, vp, dp, o, dp, N, t.N2, dp, &ahead);  // P v
+  store_rows_bf16(o, t, s.head_dim, packed_rows(s, b, h), 1.0f, sum, out);
+  float* row_lse = lse + (b * s.heads + h) * N;
+  for (int64_t i = 0; i < N; ++i) row_lse[i] = mx[i] * s.scale + std::log(sum[i]);
+}
+
+MVF_BF16_TARGET void backward_head_dot(const void* grad_out, const void* qkv, const void* out, const float* lse,
+                                       void* dqkv, const Shape& s, int64_t b, int64_t h, float* scratch,
+                                       Ahead& ahead) {
+  const DotDims t(s);
+  const int64_t N = t.N, np = t.np, dp = t.dp, N2 = t.N2, hd = s.heads * s.head_dim;
+  uint32_t* qt = reinterpret_cast<uint32_t*>(scratch);      // D2 x np: q^T, pairs along d
+  uint32_t* got = qt + t.D2 * np;                           // D2 x np: dO^T, pairs along d
+  float* pt = reinterpret_cast<float*>(got + t.D2 * np);    // N x np: P^T (float32)
+  float* dst = pt + N * np;                                 // N x np: dP^T, then dS^T
+  uint16_t* rows16 = reinterpret_cast<uint16_t*>(dst + N * np);  // N x np bfloat16: dS^T, then P^T
+  uint32_t* sp = reinterpret_cast<uint32_t*>(rows16 + N * np);   // N2 x np: dS, pairs along keys
+  uint32_t* pairs = sp + N2 * np;                           // N2 x dp: k, then q, then dO, pairs along rows
+  float* g = reinterpret_cast<float*>(pairs + N2 * dp);     // N x dp: a gradient block
+  float* delta = g + N * dp;                                // np: rowsum(dO * o) per query
+  float* lsev = delta + np;                                 // np
+  const uint16_t* x = bf16_ptr(qkv);
+  const uint16_t* go = bf16_ptr(grad_out);
+  const uint16_t* o = bf16_ptr(out);
+  const auto packed = packed_rows(s, b, h);
+  const float* row_lse = lse + (b * s.heads + h) * N;
+  for (int64_t c = 0; c < np; ++c) {
+    lsev[c] = c < N ? row_lse[c] : 0.0f;
+    delta[c] = 0.0f;
+  }
+  for (int64_t i = 0; i < N; ++i) {
+    const uint16_t* __restrict gr = go + packed(i);
+    const uint16_t* __restrict orow = o + packed(i);
+    float acc = 0.0f;
+    for (int64_t d = 0; d < s.head_dim; ++d) acc += bf16_to_float(gr[d]) * bf16_to_float(orow[d]);
+    delta[i] = acc;
+  }
+  word_columns(x, qkv_rows(s, b, 0, h), N, np, t.D2, qt);
+  word_columns(go, packed, N, np, t.D2, got);
+  dot_gemm(x + qkv_row(s, b, 0, 1, h), s.row_stride, 2, qt, np, pt, np, N, t.D2, np, &ahead);  // k q^T
+  for (int64_t j = 0; j < N; ++j) {
+    float* row = pt + j * np;
+    for (int64_t c = 0; c < np; ++c) row[c] = c < N ? exp_nonpositive(std::min(row[c] * s.scale - lsev[c], 0.0f)) : 0.0f;
+  }
+  dot_gemm(x + qkv_row(s, b, 0, 2, h), s.row_stride, 2, got, np, dst, np, N, t.D2, np, &ahead);  // dP^T = v dO^T
+  for (int64_t j = 0; j < N; ++j) {
+    float* row = dst + j * np;
+    const float* prow = pt + j * np;
+    for (int64_t c = 0; c < np; ++c) row[c] = prow[c] * (row[c] - delta[c]);
+  }
+  auto grad_rows = [&](int which) {
+    return [&s, b, h, N, hd, which](int64_t i) { return (b * N + i) * 3 * hd + which * hd + h * s.head_dim; };
+  };
+  // dq = scale dS k: dS pairs along keys (from dS^T's rows) times k's rows in pairs.
+  float_row_pairs(dst, N, np, sp);
+  row_pairs(x, qkv_rows(s, b, 1, h), N, s.head_dim, dp, pairs);
+  dot_gemm(reinterpret_cast<const uint16_t*>(sp), 2, 2 * np, pairs, dp, g, dp, N, N2, dp, &ahead);
+  store_rows_bf16(g, t, s.head_dim, grad_rows(0), s.scale, nullptr, dqkv);
+  // dk = scale dS^T q: dS^T's bfloat16 rows (pairs along queries) times q's rows in pairs.
+  round_to_bf16(dst, N * np, rows16);
+  row_pairs(x, qkv_rows(s, b, 0, h), N, s.head_dim, dp, pairs);
+  dot_gemm(rows16, np, 2, pairs, dp, g, dp, N, N2, dp, &ahead);
+  store_rows_bf16(g, t, s.head_dim, grad_rows(1), s.scale, nullptr, dqkv);
+  // dv = P^T dO.
+  round_to_bf16(pt, N * np, rows16);
+  row_pairs(go, packed, N, s.head_dim, dp, pairs);
+  dot_gemm(rows16, np, 2, pairs, dp, g, dp, N, N2, dp, &ahead);
+  store_rows_bf16(g, t, s.head_dim, grad_rows(2), 1.0f, nullptr, dqkv);
+}
+
+// Floats of scratch the bfloat16 heads need (the backward's, the larger).
+int64_t dot_scratch_floats(const Shape& s) {
+  const DotDims t(s);
+  return 2 * t.D2 * t.np + 2 * t.N * t.np + (t.N * t.np + 1) / 2 + t.N2 * t.np + t.N2 * t.dp + t.N * t.dp + 2 * t.np;
+}
+#endif  // MVF_HAVE_BF16_DOT
+
+bool use_bf16_dot(int dtype, const Shape& s) {
+  return dtype == kBFloat16 && s.head_dim % 2 == 0 && bf16_dot_supported();
+}
+
 int64_t head_flops(const Shape& s) { return std::max<int64_t>(1, s.seq * s.seq * s.head_dim); }
 
 // Each thread needs this many floats of scratch (the backward's, which is the larger).
 int64_t scratch_floats(const Shape& s) {
   const int64_t N = s.seq, np = s.np(), dp = s.dp();
-  return 5 * N * dp + 2 * dp * np + 2 * N * np + 2 * np;
+  const int64_t floats = 5 * N * dp + 2 * dp * np + 2 * N * np + 2 * np;
+#if MVF_HAVE_BF16_DOT
+  return std::max(floats, dot_scratch_floats(s));
+#else
+  return floats;
+#endif
 }
 
 // head(b, h, scratch, ahead) for every (sample, head), in parallel. A head makes `steps` ahead.step()s;
@@ -313,6 +461,29 @@ Shape make_shape(int64_t batch, int64_t seq, int64_t heads, int64_t head_dim, in
 
 }  // namespace
 
+bool bf16_dot_supported() {
+#if MVF_HAVE_BF16_DOT
+  static const bool yes = [] {
+    const char* env = std::getenv("MVMAE_FAST_CPU_ISA");
+    if (env && (std::strcmp(env, "avx512") == 0 || std::strcmp(env, "avx2") == 0 || std::strcmp(env, "generic") == 0))
+      return false;
+    __builtin_cpu_init();
+    return __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
+           __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512dq") &&
+           __builtin_cpu_supports("avx512bf16");
+  }();
+  return yes;
+#else
+  return false;
+#endif
+}
+
+bool attention_bf16_dot(int64_t head_dim) {
+  Shape s{};
+  s.head_dim = head_dim;
+  return use_bf16_dot(kBFloat16, s);
+}
+
 void attention_forward_cpu(const void* qkv, void* out, float* lse, int dtype, int64_t batch, int64_t seq,
                            int64_t heads, int64_t head_dim, int64_t row_stride, int64_t batch_stride,
                            int threads) {
@@ -322,7 +493,11 @@ void attention_forward_cpu(const void* qkv, void* out, float* lse, int dtype, in
     add_qkv(ahead, qkv, s, b, esize);
     add_packed(ahead, out, s, b, hd, esize);
   };
+  const bool dot = use_bf16_dot(dtype, s);
   for_each_head(s, threads, forward_steps(s), next_sample, [&](int64_t b, int64_t h, float* scratch, Ahead& ahead) {
+#if MVF_HAVE_BF16_DOT
+    if (dot) return forward_head_dot(qkv, out, lse, s, b, h, scratch, ahead);
+#endif
     if (dtype == kFloat32) forward_head<kFloat32>(qkv, out, lse, s, b, h, scratch, ahead);
     else if (dtype == kBFloat16) forward_head<kBFloat16>(qkv, out, lse, s, b, h, scratch, ahead);
     else forward_head<kFloat16>(qkv, out, lse, s, b, h, scratch, ahead);
@@ -340,7 +515,11 @@ void attention_backward_cpu(const void* grad_out, const void* qkv, const void* o
     add_packed(ahead, out, s, b, hd, esize);
     add_packed(ahead, dqkv, s, b, 3 * hd, esize);
   };
+  const bool dot = use_bf16_dot(dtype, s);
   for_each_head(s, threads, backward_steps(s), next_sample, [&](int64_t b, int64_t h, float* scratch, Ahead& ahead) {
+#if MVF_HAVE_BF16_DOT
+    if (dot) return backward_head_dot(grad_out, qkv, out, lse, dqkv, s, b, h, scratch, ahead);
+#endif
     if (dtype == kFloat32) backward_head<kFloat32>(grad_out, qkv, out, lse, dqkv, s, b, h, scratch, ahead);
     else if (dtype == kBFloat16) backward_head<kBFloat16>(grad_out, qkv, out, lse, dqkv, s, b, h, scratch, ahead);
     else backward_head<kFloat16>(grad_out, qkv, out, lse, dqkv, s, b, h, scratch, ahead);

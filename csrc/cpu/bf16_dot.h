@@ -1,0 +1,157 @@
+// bfloat16 products on AVX512-BF16 (vdpbf16ps): a register-blocked micro-GEMM whose operands are
+// bfloat16 pairs, and the packing helpers that lay operands out for it. Used by the attention kernel
+// (attention.cpp) for bfloat16 inputs on CPUs that have the instruction (AMD Zen 4 and later, Intel
+// Cooper Lake and Sapphire Rapids and later).
+//
+// vdpbf16ps multiplies 32 pairs of bfloat16 exactly and adds each pair's two products to one float32
+// lane: twice the multiply-adds of a float32 FMA per instruction. Both operands of every product must
+// be bfloat16, so where a product's operand is a float32 intermediate (attention's probabilities and
+// score gradients), it is rounded to bfloat16 first, as autocast's bfloat16 matmuls do. The
+// instruction treats subnormal inputs as zero and flushes subnormal results (as oneDNN's bfloat16
+// GEMMs, which autocast's matmuls run on, do too).
+//
+// Operand layout ("pairs"): a K x N bfloat16 operand is stored as ceil(K / 2) rows of N 32-bit words,
+// word (k2, n) holding elements (2 k2, n) in its low half and (2 k2 + 1, n) in its high half (zero for
+// k = K when K is odd). A row-major bfloat16 matrix whose rows are the K dimension (K contiguous) is
+// already pairs along K, read with a stride of 2 elements per k2.
+//
+// Everything here is compiled for AVX-512 + BF16 by function attribute (no global flags): it may only
+// run after bf16_dot_supported() said yes.
+#pragma once
+#include <cstdint>
+#include <cstring>
+
+#include "simd.h"
+
+#if defined(__x86_64__) && \
+    ((defined(__GNUC__) && !defined(__clang__) && __GNUC__ >= 10) || (defined(__clang__) && __clang_major__ >= 11))
+#define MVF_HAVE_BF16_DOT 1
+#include <immintrin.h>
+#define MVF_BF16_TARGET __attribute__((target("avx512f,avx512bw,avx512vl,avx512dq,avx512bf16")))
+#define MVF_BF16_INLINE inline __attribute__((always_inline, target("avx512f,avx512bw,avx512vl,avx512dq,avx512bf16")))
+#else
+#define MVF_HAVE_BF16_DOT 0
+#endif
+
+namespace mvmae_fast {
+
+// Whether the bfloat16 product path may run: the CPU (and OS) have AVX-512 with BF16, and
+// MVMAE_FAST_CPU_ISA does not ask for less (avx512: AVX-512 without the BF16 instructions; avx2 and
+// generic: no AVX-512 at all). Read once per process.
+bool bf16_dot_supported();
+
+#if MVF_HAVE_BF16_DOT
+
+// C[MR x (16 NV)] at column n0 = sum over k2 < K2 of A(r, k2) . B(k2, n): A(r, k2) is the 32-bit pair
+// at a + r * a_row + k2 * a_k (strides in bfloat16 elements), B rows of ldb words. MR x NV accumulators
+// stay in registers over the whole K loop (12 at MR = 6, NV = 2, as simd.h's float32 gemm_block).
+template <int MR, int NV>
+MVF_BF16_INLINE void dot_block(const uint16_t* __restrict a, int64_t a_row, int64_t a_k, const uint32_t* __restrict b,
+                               int64_t ldb, float* __restrict c, int64_t ldc, int64_t K2, int64_t n0) {
+  __m512 acc[MR][NV];
+  for (int r = 0; r < MR; ++r)
+    for (int v = 0; v < NV; ++v) acc[r][v] = _mm512_setzero_ps();
+  const uint32_t* bp = b + n0;
+  const uint16_t* ap = a;
+  for (int64_t k = 0; k < K2; ++k, bp += ldb, ap += a_k) {
+    __m512bh bv[NV];
+    for (int v = 0; v < NV; ++v) bv[v] = (__m512bh)_mm512_loadu_si512(bp + 16 * v);
+    for (int r = 0; r < MR; ++r) {
+      uint32_t pair;
+      std::memcpy(&pair, ap + r * a_row, sizeof pair);
+      const __m512bh av = (__m512bh)_mm512_set1_epi32(static_cast<int>(pair));
+      for (int v = 0; v < NV; ++v) acc[r][v] = _mm512_dpbf16_ps(acc[r][v], av, bv[v]);
+    }
+  }
+  for (int r = 0; r < MR; ++r)
+    for (int v = 0; v < NV; ++v) _mm512_storeu_ps(c + r * ldc + n0 + 16 * v, acc[r][v]);
+}
+
+template <int MR>
+MVF_BF16_INLINE void dot_rows(const uint16_t* a, int64_t a_row, int64_t a_k, const uint32_t* b, int64_t ldb, float* c,
+                              int64_t ldc, int64_t K2, int64_t NC) {
+  int64_t n0 = 0;
+  for (; n0 + 32 <= NC; n0 += 32) dot_block<MR, 2>(a, a_row, a_k, b, ldb, c, ldc, K2, n0);
+  if (n0 < NC) dot_block<MR, 1>(a, a_row, a_k, b, ldb, c, ldc, K2, n0);
+}
+
+// C[M x NC] (ldc floats, NC a multiple of 16) = A B over K2 pairs, A(r, k2) at a + r * a_row + k2 * a_k.
+// With `ahead`, one ahead->step() per block of six rows (gemm_row_blocks(M) of them, as simd.h's gemm).
+MVF_BF16_INLINE void dot_gemm(const uint16_t* a, int64_t a_row, int64_t a_k, const uint32_t* b, int64_t ldb, float* c,
+                              int64_t ldc, int64_t M, int64_t K2, int64_t NC, Ahead* ahead) {
+  int64_t m = 0;
+  for (; m + 6 <= M; m += 6) {
+    dot_rows<6>(a + m * a_row, a_row, a_k, b, ldb, c + m * ldc, ldc, K2, NC);
+    if (ahead) ahead->step();
+  }
+  a += m * a_row;
+  c += m * ldc;
+  switch (M - m) {
+    case 5: dot_rows<5>(a, a_row, a_k, b, ldb, c, ldc, K2, NC); break;
+    case 4: dot_rows<4>(a, a_row, a_k, b, ldb, c, ldc, K2, NC); break;
+    case 3: dot_rows<3>(a, a_row, a_k, b, ldb, c, ldc, K2, NC); break;
+    case 2: dot_rows<2>(a, a_row, a_k, b, ldb, c, ldc, K2, NC); break;
+    case 1: dot_rows<1>(a, a_row, a_k, b, ldb, c, ldc, K2, NC); break;
+    default: return;
+  }
+  if (ahead) ahead->step();
+}
+
+// dst (W2 x np words) = pairs along the row dimension of the transpose of rows [0, N): word (w, i) =
+// elements 2w and 2w + 1 of row i (row i at src + row(i), elements), zero for i >= N. That is the
+// rows' first 2 W2 elements as 32-bit words, transposed, 16 x 16 words at a time in registers.
+template <class Row>
+MVF_BF16_INLINE void word_columns(const uint16_t* src, const Row& row, int64_t N, int64_t np, int64_t W2, uint32_t* dst) {
+  for (int64_t i0 = 0; i0 < np; i0 += 16) {
+    for (int64_t w0 = 0; w0 < W2; w0 += 16) {
+      const int64_t ww = std::min<int64_t>(16, W2 - w0);
+      vec16 r[16];
+      for (int64_t ii = 0; ii < 16; ++ii) {
+        uint32_t words[16] = {};
+        if (i0 + ii < N) std::memcpy(words, src + row(i0 + ii) + 2 * w0, static_cast<size_t>(ww) * 4);
+        std::memcpy(&r[ii], words, sizeof words);
+      }
+      transpose16(r);  // shuffles only: the words' bits pass through unchanged
+      for (int64_t w = 0; w < ww; ++w) std::memcpy(dst + (w0 + w) * np + i0, &r[w], sizeof(vec16));
+    }
+  }
+}
+
+// dst (ceil(N / 2) x dp words) = pairs of rows: word (j2, d) = element d of rows 2 j2 and 2 j2 + 1
+// (row j at src + row(j)), zero for d >= width and for a row N.
+template <class Row>
+MVF_BF16_INLINE void row_pairs(const uint16_t* src, const Row& row, int64_t N, int64_t width, int64_t dp,
+                               uint32_t* __restrict dst) {
+  for (int64_t j = 0; j < N; j += 2, dst += dp) {
+    const uint16_t* __restrict lo = src + row(j);
+    if (j + 1 < N) {
+      const uint16_t* __restrict hi = src + row(j + 1);
+      for (int64_t d = 0; d < width; ++d) dst[d] = lo[d] | static_cast<uint32_t>(hi[d]) << 16;
+    } else {
+      for (int64_t d = 0; d < width; ++d) dst[d] = lo[d];
+    }
+    for (int64_t d = width; d < dp; ++d) dst[d] = 0;
+  }
+}
+
+// The same from float32 rows (N x np at x), each value rounded to bfloat16 (nearest even, as torch).
+MVF_BF16_INLINE void float_row_pairs(const float* x, int64_t N, int64_t np, uint32_t* __restrict dst) {
+  for (int64_t j = 0; j < N; j += 2, dst += np) {
+    const float* __restrict lo = x + j * np;
+    if (j + 1 < N) {
+      const float* __restrict hi = lo + np;
+      for (int64_t i = 0; i < np; ++i) dst[i] = float_to_bf16(lo[i]) | static_cast<uint32_t>(float_to_bf16(hi[i])) << 16;
+    } else {
+      for (int64_t i = 0; i < np; ++i) dst[i] = float_to_bf16(lo[i]);
+    }
+  }
+}
+
+// dst[0, n) = x[0, n) rounded to bfloat16.
+MVF_BF16_INLINE void round_to_bf16(const float* __restrict x, int64_t n, uint16_t* __restrict dst) {
+  for (int64_t i = 0; i < n; ++i) dst[i] = float_to_bf16(x[i]);
+}
+
+#endif  // MVF_HAVE_BF16_DOT
+
+}  // namespace mvmae_fast
