@@ -320,7 +320,8 @@ MVF_BF16_TARGET void backward_head_dot(const void* grad_out, const void* qkv, co
   dot_gemm(x + qkv_row(s, b, 0, 1, h), s.row_stride, 2, qt, np, pt, np, N, t.D2, np, &ahead);  // k q^T
   for (int64_t j = 0; j < N; ++j) {
     float* row = pt + j * np;
-    for (int64_t c = 0; c < np; ++c) row[c] = c < N ? exp_nonpositive(std::min(row[c] * s.scale - lsev[c], 0.0f)) : 0.0f;
+    for (int64_t c = 0; c < np; ++c)
+      row[c] = c < N ? exp_nonpositive(std::min(row[c] * s.scale - lsev[c], 0.0f)) : 0.0f;  // padded queries: 0
   }
   dot_gemm(x + qkv_row(s, b, 0, 2, h), s.row_stride, 2, got, np, dst, np, N, t.D2, np, &ahead);  // dP^T = v dO^T
   for (int64_t j = 0; j < N; ++j) {

@@ -101,7 +101,8 @@ MVF_BF16_INLINE void dot_gemm(const uint16_t* a, int64_t a_row, int64_t a_k, con
 // elements 2w and 2w + 1 of row i (row i at src + row(i), elements), zero for i >= N. That is the
 // rows' first 2 W2 elements as 32-bit words, transposed, 16 x 16 words at a time in registers.
 template <class Row>
-MVF_BF16_INLINE void word_columns(const uint16_t* src, const Row& row, int64_t N, int64_t np, int64_t W2, uint32_t* dst) {
+MVF_BF16_INLINE void word_columns(const uint16_t* src, const Row& row, int64_t N, int64_t np, int64_t W2,
+                                  uint32_t* dst) {
   for (int64_t i0 = 0; i0 < np; i0 += 16) {
     for (int64_t w0 = 0; w0 < W2; w0 += 16) {
       const int64_t ww = std::min<int64_t>(16, W2 - w0);
@@ -140,7 +141,8 @@ MVF_BF16_INLINE void float_row_pairs(const float* x, int64_t N, int64_t np, uint
     const float* __restrict lo = x + j * np;
     if (j + 1 < N) {
       const float* __restrict hi = lo + np;
-      for (int64_t i = 0; i < np; ++i) dst[i] = float_to_bf16(lo[i]) | static_cast<uint32_t>(float_to_bf16(hi[i])) << 16;
+      for (int64_t i = 0; i < np; ++i)
+        dst[i] = float_to_bf16(lo[i]) | static_cast<uint32_t>(float_to_bf16(hi[i])) << 16;
     } else {
       for (int64_t i = 0; i < np; ++i) dst[i] = float_to_bf16(lo[i]);
     }
