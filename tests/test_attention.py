@@ -111,10 +111,11 @@ def test_matches_reference_bfloat16(shape, backend):
 
 # The bfloat16 heads on AVX512-BF16 products (where the CPU has them; else the float32 heads): the
 # preset steps' encoder and decoder shapes, one row, an even row count that fills its vectors (16),
-# pairs left over along keys and queries (odd N), head dims of one pair (2), of 16 pairs + 1 (34, a
-# ragged word block), 80 (padded output lanes) and an odd one (33: the float32 heads instead).
-BF16_CPP_SHAPES = [(3, 3, 17, 64), (2, 4, 65, 32), (2, 2, 1, 32), (1, 2, 16, 64), (2, 1, 31, 2), (1, 2, 47, 34),
-                   (1, 1, 50, 80), (2, 1, 9, 33)]
+# pairs left over along keys and queries (odd N), ViT-B/16's 197 tokens, head dims of one pair (2),
+# of 16 pairs + 1 (34, a ragged word block), 80 (padded output lanes) and an odd one (33: the float32
+# heads instead).
+BF16_CPP_SHAPES = [(3, 3, 17, 64), (2, 4, 65, 32), (2, 2, 1, 32), (1, 2, 16, 64), (1, 2, 197, 64), (2, 1, 31, 2),
+                   (1, 2, 47, 34), (1, 1, 50, 80), (2, 1, 9, 33)]
 
 
 @pytest.mark.parametrize("shape", BF16_CPP_SHAPES, ids=shape_id)
