@@ -315,6 +315,25 @@ def run_python(code: str, env_remove=(), env_set=None, timeout: int = 240) -> su
     )
 
 
+def isa_probe(isa: str, expression: str) -> str:
+    """What ``expression`` (with mvmae_fast's ``_ext`` imported) prints in a fresh process under
+    MVMAE_FAST_CPU_ISA=isa, which the extension reads once per process."""
+    env = {**os.environ, "MVMAE_FAST_CPU_ISA": isa}
+    probe = subprocess.run([sys.executable, "-c", f"from mvmae_fast import _ext; print({expression})"], env=env,
+                           capture_output=True, text=True, check=True)
+    return probe.stdout.strip()
+
+
+def rerun_tests_under_isa(isa: str, test_file: str, selection: str) -> None:
+    """Runs ``pytest test_file -k selection`` in a fresh process under MVMAE_FAST_CPU_ISA=isa and
+    asserts that it passed (and ran something)."""
+    env = {**os.environ, "MVMAE_FAST_CPU_ISA": isa}
+    result = subprocess.run([sys.executable, "-m", "pytest", test_file, "-q", "-x", "-p", "no:cacheprovider", "-k",
+                             selection], env=env, capture_output=True, text=True)
+    assert result.returncode == 0, result.stdout[-4000:] + result.stderr[-2000:]
+    assert " passed" in result.stdout.splitlines()[-1]
+
+
 _DIST_INFO_NCE_WORKER = """
 import sys, torch, torch.distributed as dist
 from mvmae_fast.ops.info_nce import info_nce

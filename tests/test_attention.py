@@ -10,7 +10,6 @@ fp16 before the second matmul, hence the floor.
 """
 
 import os
-import subprocess
 import sys
 
 import pytest
@@ -22,6 +21,7 @@ from mvmae_fast import UnsupportedBackendError, _ext, backends, use_backend
 from mvmae_fast.models.layers import Attention
 from mvmae_fast.ops import attention
 from mvmae_fast.ops.attention import IMPLEMENTED, KERNEL_BACKENDS, MAX_CPP_SEQ_LEN, triton_impl
+from mvmae_helpers import isa_probe, rerun_tests_under_isa
 
 kernel_backends = pytest.mark.parametrize("backend", KERNEL_BACKENDS)
 
@@ -131,19 +131,53 @@ def test_cpp_bfloat16_dot_dispatch():
     assert not _ext._C.attention_bf16_dot(33)
 
 
+def bf16_dot_emulation(qkv, grad, num_heads, round_products):
+    """What the bf16 heads compute, in float64 from the same bf16 inputs: softmax of the exact scaled
+    scores, and when ``round_products`` the operands of the products rounded to bfloat16 as the heads
+    round them (the forward's unnormalised exp(s - max), the backward's P and dS); outputs rounded to
+    bfloat16 once. Returns {'out', 'dq', 'dk', 'dv'}."""
+    B, N, C = qkv.shape
+    q, k, v = qkv.double().view(B, N, 3, num_heads, -1).permute(2, 0, 3, 1, 4)
+    scale = q.shape[-1] ** -0.5
+    rnd = (lambda t: t.to(torch.bfloat16).double()) if round_products else (lambda t: t)
+    scores = q @ k.transpose(-1, -2) * scale
+    e = (scores - scores.amax(-1, keepdim=True)).exp()  # the forward rounds these, largest 1, before P v
+    o = ((rnd(e) @ v) / e.sum(-1, keepdim=True)).to(torch.bfloat16)
+    p = scores.softmax(-1)  # the backward recomputes P from lse: normalised, then rounded
+    do = grad.double().view(B, N, num_heads, -1).transpose(1, 2)
+    delta = (do * o.double()).sum(-1, keepdim=True)
+    ds = p * (do @ v.transpose(-1, -2) - delta)
+    grads = {"dq": scale * (rnd(ds) @ k), "dk": scale * (rnd(ds).transpose(-1, -2) @ q),
+             "dv": rnd(p).transpose(-1, -2) @ do, "out": o}
+    return {name: t.transpose(1, 2).reshape(B, N, -1).to(torch.bfloat16) for name, t in grads.items()}
+
+
+@pytest.mark.skipif(_ext._C is None or not _ext._C.attention_bf16_dot(32),
+                    reason="the CPU has no AVX512-BF16: the bfloat16 heads do not run here")
+def test_cpp_bfloat16_products_round_as_autocast():
+    """The bf16 heads' outputs are, bit for bit in nearly every element, a float64 emulation that rounds P
+    and dS to bfloat16 before their products (float32 accumulation moves a few elements across a
+    rounding boundary), and clearly not the same emulation without those roundings."""
+    B, H, N, Dh = 2, 4, 65, 32
+    qkv, grad = make_qkv(B, H, N, Dh, torch.bfloat16, seed=5)
+    qkv = qkv * 2  # peakier softmax rows: P's rounding shows
+    got = run(kernel_attention(H, "cpp"), qkv, grad)
+    rounded = bf16_dot_emulation(qkv, grad, H, round_products=True)
+    exact = bf16_dot_emulation(qkv, grad, H, round_products=False)
+    for name in ("out", "dq", "dk", "dv"):
+        same = (got[name] == rounded[name]).double().mean().item()
+        same_exact = (got[name] == exact[name]).double().mean().item()
+        assert same >= 0.98, f"{name}: {same:.4f} of the elements equal the rounding emulation's"
+        assert same_exact <= same - 0.05, f"{name}: {same_exact:.4f} equal the unrounded emulation's vs {same:.4f}"
+
+
 @pytest.mark.skipif(_ext._C is None or not _ext._C.attention_bf16_dot(64),
                     reason="the CPU has no AVX512-BF16: the float32 heads already run everywhere")
 def test_cpp_float32_heads_for_bfloat16():
     """MVMAE_FAST_CPU_ISA=avx512 (read once per process) keeps AVX-512 but not its BF16 products: the
     cpp tests pass on the float32 heads too, in a fresh process."""
-    env = {**os.environ, "MVMAE_FAST_CPU_ISA": "avx512"}
-    probe = subprocess.run([sys.executable, "-c", "from mvmae_fast import _ext; print(_ext._C.attention_bf16_dot(64))"],
-                           env=env, capture_output=True, text=True, check=True)
-    assert probe.stdout.strip() == "False"
-    result = subprocess.run([sys.executable, "-m", "pytest", __file__, "-q", "-x", "-p", "no:cacheprovider", "-k",
-                             "cpp and not float32_heads"], env=env, capture_output=True, text=True)
-    assert result.returncode == 0, result.stdout[-4000:] + result.stderr[-2000:]
-    assert " passed" in result.stdout.splitlines()[-1]
+    assert isa_probe("avx512", "_ext._C.attention_bf16_dot(64)") == "False"
+    rerun_tests_under_isa("avx512", __file__, "cpp and not float32_heads")
 
 
 @pytest.mark.parametrize("shape", [(1, 1, 3, 1), (2, 2, 7, 17), (1, 1, 33, 200)], ids=shape_id)
@@ -217,16 +251,18 @@ def test_small_tiles(monkeypatch, blocks):
     check_against_reference((1, 2, 50, 80), torch.float32, "triton", seed=1)
 
 
-@kernel_backends
-def test_log_sum_exp_saved_for_backward(backend):
+@pytest.mark.parametrize("backend,dtype", [("cpp", torch.float32), ("triton", torch.float32), ("cpp", torch.bfloat16)])
+def test_log_sum_exp_saved_for_backward(backend, dtype):
+    """lse against float64 logsumexp of the same (bf16-valued) inputs: the bf16 heads' products are exact."""
     B, H, N, Dh = 2, 3, 50, 32
-    qkv, _ = make_qkv(B, H, N, Dh, torch.float32)
+    qkv, _ = make_qkv(B, H, N, Dh, dtype)
     out, lse = torch.ops.mvmae_fast.attention(qkv, H, backend)
     q, k, _ = qkv.double().view(B, N, 3, H, Dh).permute(2, 0, 3, 1, 4)
     expected = torch.logsumexp(q @ k.transpose(-1, -2) * Dh**-0.5, dim=-1)
     assert lse.shape == (B, H, N) and lse.dtype == torch.float32
     torch.testing.assert_close(lse.double(), expected, rtol=0, atol=1e-5)
-    torch.testing.assert_close(out.double(), ref_attention(qkv, H), rtol=0, atol=1e-5)
+    atol = 1e-5 if dtype == torch.float32 else 2 * torch.finfo(dtype).eps  # outputs are within 1 of |v|
+    torch.testing.assert_close(out.double(), ref_attention(qkv, H), rtol=0, atol=atol)
 
 
 @kernel_backends
@@ -252,10 +288,10 @@ def test_backward_is_deterministic(backend):
         assert torch.equal(first[name], second[name]), f"{name} differs between two identical runs"
 
 
-@kernel_backends
-def test_noncontiguous_inputs_match_contiguous(backend):
+@pytest.mark.parametrize("backend,dtype", [("cpp", torch.float32), ("triton", torch.float32), ("cpp", torch.bfloat16)])
+def test_noncontiguous_inputs_match_contiguous(backend, dtype):
     B, H, N, Dh = 2, 2, 17, 32
-    qkv, grad = make_qkv(B, H, N, Dh, torch.float32)
+    qkv, grad = make_qkv(B, H, N, Dh, dtype)
     expected = run(kernel_attention(H, backend), qkv, grad)
     # (N, B, C) storage seen as (B, N, C); a last dimension with stride 2; a transposed gradient.
     transposed = qkv.transpose(0, 1).contiguous().transpose(0, 1)

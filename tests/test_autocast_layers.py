@@ -21,9 +21,6 @@ which turns GELU's AVX-512 intrinsics path off.
 """
 
 import copy
-import os
-import subprocess
-import sys
 import threading
 
 import pytest
@@ -35,7 +32,7 @@ from mvmae_fast.models import MVMAE, PRESETS, MVMAEConfig
 from mvmae_fast._utils import new_output
 from mvmae_fast.models.layers import Block
 from autocast_helpers import assert_sum_accurate, block_by_hand, gelu64, gelu_grad64, make_block, mlp_inputs
-from mvmae_helpers import graph_names, uses_kernel
+from mvmae_helpers import graph_names, isa_probe, rerun_tests_under_isa, uses_kernel
 
 C = _ext._C
 
@@ -848,14 +845,8 @@ def test_mvmae_training_step():
 def test_generic_isa_variant():
     """GELU's forward has an AVX-512 intrinsics path; MVMAE_FAST_CPU_ISA=generic (read once per process)
     forces the generic loop: the kernel-level tests pass on it too, in a fresh process."""
-    env = {**os.environ, "MVMAE_FAST_CPU_ISA": "generic"}
-    probe = subprocess.run([sys.executable, "-c", "from mvmae_fast import _ext; print(_ext._C.fused_layers_isa())"],
-                           env=env, capture_output=True, text=True, check=True)
-    assert probe.stdout.strip() == "generic"
-    result = subprocess.run([sys.executable, "-m", "pytest", __file__, "-q", "-x", "-p", "no:cacheprovider", "-k",
-                             "test_kernel_"], env=env, capture_output=True, text=True)
-    assert result.returncode == 0, result.stdout[-4000:] + result.stderr[-2000:]
-    assert " passed" in result.stdout.splitlines()[-1]
+    assert isa_probe("generic", "_ext._C.fused_layers_isa()") == "generic"
+    rerun_tests_under_isa("generic", __file__, "test_kernel_")
 
 
 @pytest.mark.parametrize("which", ["prenorm_mlp", "prenorm_linear", "block"])

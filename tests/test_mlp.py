@@ -19,9 +19,6 @@ output, mean, 1/std and five gradients, with out_features off the 16/32-column p
 import contextlib
 import functools
 import importlib
-import os
-import subprocess
-import sys
 
 import pytest
 import torch
@@ -32,7 +29,7 @@ from mvmae_fast import UnsupportedBackendError, use_backend
 from mvmae_fast.models.layers import Block, Mlp
 from mvmae_fast.ops import attention, mlp, prenorm_linear, prenorm_mlp
 from mvmae_fast.ops.mlp import reference
-from mvmae_helpers import graph_names, uses_kernel
+from mvmae_helpers import graph_names, isa_probe, rerun_tests_under_isa, uses_kernel
 
 mlp_pkg = importlib.import_module("mvmae_fast.ops.mlp")  # the package: the attribute is the function
 
@@ -958,14 +955,8 @@ def test_lower_instruction_set_variants(isa):
     """The AVX2 build of the fused layers (4 x 16 tiles on 16-wide panels) and the baseline one, which an
     AVX-512 CPU never picks by itself, forced with MVMAE_FAST_CPU_ISA in a fresh process: the accuracy,
     edge-case and threading tests pass on them too."""
-    env = {**os.environ, "MVMAE_FAST_CPU_ISA": isa}
-    probe = subprocess.run([sys.executable, "-c", "from mvmae_fast import _ext; print(_ext._C.fused_layers_isa())"],
-                           env=env, capture_output=True, text=True, check=True)
-    if probe.stdout.strip() != isa:
-        pytest.skip(f"this CPU cannot run the {isa} variant (it runs {probe.stdout.strip()})")
-    selection = ("matches_reference or gelu_tails or constant_rows or no_rows or long_inputs or thread_count "
-                 "or deterministic or noncontiguous")
-    result = subprocess.run([sys.executable, "-m", "pytest", __file__, "-q", "-x", "-p", "no:cacheprovider", "-k",
-                             selection], env=env, capture_output=True, text=True)
-    assert result.returncode == 0, result.stdout[-4000:] + result.stderr[-2000:]
-    assert " passed" in result.stdout.splitlines()[-1]
+    runs = isa_probe(isa, "_ext._C.fused_layers_isa()")
+    if runs != isa:
+        pytest.skip(f"this CPU cannot run the {isa} variant (it runs {runs})")
+    rerun_tests_under_isa(isa, __file__, "matches_reference or gelu_tails or constant_rows or no_rows or long_inputs "
+                          "or thread_count or deterministic or noncontiguous")

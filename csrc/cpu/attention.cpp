@@ -124,6 +124,24 @@ MVF_INLINE void load_columns(const void* src, const Shape& s, const Row& row, fl
 MVF_INLINE int64_t forward_steps(const Shape& s) { return 2 * gemm_row_blocks(s.seq); }
 MVF_INLINE int64_t backward_steps(const Shape& s) { return 5 * gemm_row_blocks(s.seq); }
 
+// Each column c (a query) of the N x np transposed scores pt: mx[c] = its maximum, pt = exp((pt - mx) *
+// scale) in place (scale > 0: the maximum of the scaled scores is the scaled maximum), sum[c] = its sum.
+MVF_INLINE void softmax_columns(float* pt, int64_t N, int64_t np, float scale, float* mx, float* sum) {
+  for (int64_t c = 0; c < np; ++c) {
+    mx[c] = -INFINITY;
+    sum[c] = 0.0f;
+  }
+  for (int64_t j = 0; j < N; ++j)
+    for (int64_t c = 0; c < np; ++c) mx[c] = mx[c] < pt[j * np + c] ? pt[j * np + c] : mx[c];
+  for (int64_t j = 0; j < N; ++j) {
+    float* row = pt + j * np;
+    for (int64_t c = 0; c < np; ++c) {
+      row[c] = exp_nonpositive((row[c] - mx[c]) * scale);
+      sum[c] += row[c];
+    }
+  }
+}
+
 template <int D>
 MVF_CPU_CLONES void forward_head(const void* qkv, void* out, float* lse, const Shape& s, int64_t b, int64_t h,
                                  float* scratch, Ahead& ahead) {
@@ -139,19 +157,7 @@ MVF_CPU_CLONES void forward_head(const void* qkv, void* out, float* lse, const S
   load_rows<D>(qkv, s, qkv_rows(s, b, 2, h), 1.0f, v);
   load_columns<D>(qkv, s, qkv_rows(s, b, 0, h), s.scale, qt);
   gemm(k, dp, qt, np, pt, np, N, s.head_dim, np, &ahead);
-  for (int64_t c = 0; c < np; ++c) {
-    mx[c] = -INFINITY;
-    sum[c] = 0.0f;
-  }
-  for (int64_t j = 0; j < N; ++j)
-    for (int64_t c = 0; c < np; ++c) mx[c] = mx[c] < pt[j * np + c] ? pt[j * np + c] : mx[c];
-  for (int64_t j = 0; j < N; ++j) {
-    float* row = pt + j * np;
-    for (int64_t c = 0; c < np; ++c) {
-      row[c] = exp_nonpositive(row[c] - mx[c]);
-      sum[c] += row[c];
-    }
-  }
+  softmax_columns(pt, N, np, 1.0f, mx, sum);  // qt holds the scale already
   gemm<true>(pt, np, v, dp, o, dp, N, N, dp, &ahead);  // o = P v = (P^T)^T v
   float* row_lse = lse + (b * s.heads + h) * N;
   for (int64_t i = 0; i < N; ++i) {
@@ -263,19 +269,7 @@ MVF_BF16_TARGET void forward_head_dot(const void* qkv, void* out, float* lse, co
   const uint16_t* x = bf16_ptr(qkv);
   word_columns(x, qkv_rows(s, b, 0, h), N, np, t.D2, qt);
   dot_gemm(x + qkv_row(s, b, 0, 1, h), s.row_stride, 2, qt, np, pt, np, N, t.D2, np, &ahead);  // k q^T
-  for (int64_t c = 0; c < np; ++c) {
-    mx[c] = -INFINITY;
-    sum[c] = 0.0f;
-  }
-  for (int64_t j = 0; j < N; ++j)
-    for (int64_t c = 0; c < np; ++c) mx[c] = mx[c] < pt[j * np + c] ? pt[j * np + c] : mx[c];
-  for (int64_t j = 0; j < N; ++j) {
-    float* row = pt + j * np;
-    for (int64_t c = 0; c < np; ++c) {
-      row[c] = exp_nonpositive((row[c] - mx[c]) * s.scale);
-      sum[c] += row[c];
-    }
-  }
+  softmax_columns(pt, N, np, s.scale, mx, sum);
   float_row_pairs(pt, N, np, pp);
   row_pairs(x, qkv_rows(s, b, 2, h), N, s.head_dim, dp, vp);
   dot_gemm(reinterpret_cast<const uint16_t*>(pp), 2, 2 * np, vp, dp, o, dp, N, t.N2, dp, &ahead);  // P v
@@ -373,18 +367,19 @@ bool use_bf16_dot(int dtype, const Shape& s) {
 
 int64_t head_flops(const Shape& s) { return std::max<int64_t>(1, s.seq * s.seq * s.head_dim); }
 
-// Each thread needs this many floats of scratch (the backward's, which is the larger).
-int64_t scratch_floats(const Shape& s) {
-  const int64_t N = s.seq, np = s.np(), dp = s.dp();
-  const int64_t floats = 5 * N * dp + 2 * dp * np + 2 * N * np + 2 * np;
+// Each thread needs this many floats of scratch (the backward's, which is the larger), for the float32
+// heads or (dot) the bfloat16 ones.
+int64_t scratch_floats(const Shape& s, bool dot) {
 #if MVF_HAVE_BF16_DOT
-  return std::max(floats, dot_scratch_floats(s));
-#else
-  return floats;
+  if (dot) return dot_scratch_floats(s);
 #endif
+  (void)dot;
+  const int64_t N = s.seq, np = s.np(), dp = s.dp();
+  return 5 * N * dp + 2 * dp * np + 2 * N * np + 2 * np;
 }
 
-// head(b, h, scratch, ahead) for every (sample, head), in parallel. A head makes `steps` ahead.step()s;
+// head(b, h, scratch, ahead) for every (sample, head), in parallel, each thread with scratch_size floats of
+// scratch. A head makes `steps` ahead.step()s;
 // next_sample(b, ahead) adds sample b's lines, which are requested over the heads of the sample before
 // it when the same thread computes both.
 //
@@ -396,7 +391,8 @@ int64_t scratch_floats(const Shape& s) {
 // A range is one 64-bit word, front and back, changed by compare-and-swap. Every head's outputs
 // depend on its inputs only, so the results are the same whatever the schedule.
 template <class Head, class Next>
-void for_each_head(const Shape& s, int threads, int64_t steps, const Next& next_sample, const Head& head) {
+void for_each_head(const Shape& s, int threads, int64_t steps, int64_t scratch_size, const Next& next_sample,
+                   const Head& head) {
   const int64_t H = s.heads, tasks = s.batch * H;
   // ~256k multiply-adds per range before another thread is worth waking.
   const int64_t grain = std::max<int64_t>(1, (int64_t{1} << 18) / head_flops(s));
@@ -430,7 +426,7 @@ void for_each_head(const Shape& s, int threads, int64_t steps, const Next& next_
       return base + static_cast<int64_t>(ranges[r].bounds.load(std::memory_order_relaxed) >> 32);
     };
     parallel_for(workers, 1, static_cast<int>(workers), [&](int64_t w, int64_t) {
-      std::vector<float> scratch(static_cast<size_t>(scratch_floats(s)));
+      std::vector<float> scratch(static_cast<size_t>(scratch_size));
       Ahead ahead;
       bool first = true;
       for (int64_t t = take(w, false); t >= 0; t = take(w, false), first = false) {
@@ -505,15 +501,16 @@ void attention_forward_cpu(const void* qkv, void* out, float* lse, int dtype, in
     add_qkv(ahead, qkv, s, b, esize);
     add_packed(ahead, out, s, b, hd, esize);
   };
-  const bool dot = use_bf16_dot(dtype, s);
-  for_each_head(s, threads, forward_steps(s), next_sample, [&](int64_t b, int64_t h, float* scratch, Ahead& ahead) {
+  [[maybe_unused]] const bool dot = use_bf16_dot(dtype, s);
+  const auto head = [&](int64_t b, int64_t h, float* scratch, Ahead& ahead) {
 #if MVF_HAVE_BF16_DOT
     if (dot) return forward_head_dot(qkv, out, lse, s, b, h, scratch, ahead);
 #endif
     if (dtype == kFloat32) forward_head<kFloat32>(qkv, out, lse, s, b, h, scratch, ahead);
     else if (dtype == kBFloat16) forward_head<kBFloat16>(qkv, out, lse, s, b, h, scratch, ahead);
     else forward_head<kFloat16>(qkv, out, lse, s, b, h, scratch, ahead);
-  });
+  };
+  for_each_head(s, threads, forward_steps(s), scratch_floats(s, dot), next_sample, head);
 }
 
 void attention_backward_cpu(const void* grad_out, const void* qkv, const void* out, const float* lse,
@@ -527,15 +524,16 @@ void attention_backward_cpu(const void* grad_out, const void* qkv, const void* o
     add_packed(ahead, out, s, b, hd, esize);
     add_packed(ahead, dqkv, s, b, 3 * hd, esize);
   };
-  const bool dot = use_bf16_dot(dtype, s);
-  for_each_head(s, threads, backward_steps(s), next_sample, [&](int64_t b, int64_t h, float* scratch, Ahead& ahead) {
+  [[maybe_unused]] const bool dot = use_bf16_dot(dtype, s);
+  const auto head = [&](int64_t b, int64_t h, float* scratch, Ahead& ahead) {
 #if MVF_HAVE_BF16_DOT
     if (dot) return backward_head_dot(grad_out, qkv, out, lse, dqkv, s, b, h, scratch, ahead);
 #endif
     if (dtype == kFloat32) backward_head<kFloat32>(grad_out, qkv, out, lse, dqkv, s, b, h, scratch, ahead);
     else if (dtype == kBFloat16) backward_head<kBFloat16>(grad_out, qkv, out, lse, dqkv, s, b, h, scratch, ahead);
     else backward_head<kFloat16>(grad_out, qkv, out, lse, dqkv, s, b, h, scratch, ahead);
-  });
+  };
+  for_each_head(s, threads, backward_steps(s), scratch_floats(s, dot), next_sample, head);
 }
 
 }  // namespace mvmae_fast

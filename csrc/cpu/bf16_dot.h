@@ -23,8 +23,10 @@
 
 #include "simd.h"
 
-#if defined(__x86_64__) && \
-    ((defined(__GNUC__) && !defined(__clang__) && __GNUC__ >= 10) || (defined(__clang__) && __clang_major__ >= 11))
+// x86-64 Linux with GCC 11+ or clang 11+ (__builtin_cpu_supports("avx512bf16")), as the other
+// dispatching kernels (mlp.cpp, autocast.cpp) are Linux-only.
+#if defined(__x86_64__) && defined(__linux__) && \
+    ((defined(__GNUC__) && !defined(__clang__) && __GNUC__ >= 11) || (defined(__clang__) && __clang_major__ >= 11))
 #define MVF_HAVE_BF16_DOT 1
 #include <immintrin.h>
 #define MVF_BF16_TARGET __attribute__((target("avx512f,avx512bw,avx512vl,avx512dq,avx512bf16")))
