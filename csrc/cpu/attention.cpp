@@ -9,8 +9,8 @@
 // which makes the softmax statistics vertical vector operations. float16, and bfloat16 on CPUs
 // without AVX512-BF16, are converted to float32 on load and rounded once on store. bfloat16 with an
 // even head dim on a CPU with AVX512-BF16 takes forward_head_dot / backward_head_dot instead: the
-// products on vdpbf16ps (bf16_dot.h), P and dS rounded to bfloat16 for them as autocast's matmuls
-// round them (1.3-1.5x faster per call at MAE's tiny-preset shapes on a Zen 4).
+// products on vdpbf16ps (bf16_dot.h), probabilities and dS rounded to bfloat16 for them, as under
+// autocast (1.3-1.5x faster per call at MAE's tiny-preset shapes on a Zen 4).
 #include <algorithm>
 #include <atomic>
 #include <cmath>
@@ -232,8 +232,10 @@ MVF_CPU_CLONES void backward_head(const void* grad_out, const void* qkv, const v
 // bfloat16 q, k, v and dO (no float32 copies of them), softmax and its gradient in float32. As in
 // the float32 heads, scores are kept transposed (keys down, queries across the lanes). The
 // probabilities and the score gradient are rounded to bfloat16 for the products that read them (P v,
-// dS k, dS^T q, P^T dO), as autocast's bfloat16 matmuls round them; q is not prescaled (the scale
-// multiplies the float32 scores, and dq and dk on the way out). Head dims must be even (pairs).
+// dS k, dS^T q, P^T dO), as autocast's bfloat16 matmuls take bfloat16 operands (the forward rounds
+// exp(S - max), before the division by the row sum; autocast rounds the normalised P); q is not
+// prescaled (the scale multiplies the float32 scores, and dq and dk on the way out). Head dims must
+// be even (pairs).
 struct DotDims {
   int64_t N, np, dp, D2, N2;
   explicit DotDims(const Shape& s)
@@ -261,7 +263,7 @@ MVF_BF16_TARGET void forward_head_dot(const void* qkv, void* out, float* lse, co
   const int64_t N = t.N, np = t.np, dp = t.dp;
   uint32_t* qt = reinterpret_cast<uint32_t*>(scratch);  // D2 x np: q^T, pairs along d
   float* pt = reinterpret_cast<float*>(qt + t.D2 * np);  // N x np: S^T / scale, then exp
-  uint32_t* pp = reinterpret_cast<uint32_t*>(pt + N * np);  // N2 x np: P, pairs along keys
+  uint32_t* pp = reinterpret_cast<uint32_t*>(pt + N * np);  // N2 x np: exp(S - max), pairs along keys
   uint32_t* vp = pp + t.N2 * np;                            // N2 x dp: v, pairs along keys
   float* o = reinterpret_cast<float*>(vp + t.N2 * dp);      // N x dp: unnormalised output
   float* mx = o + N * dp;                                   // np: per-query maximum of S^T / scale

@@ -8,9 +8,10 @@ Backends: ``torch`` is PyTorch's ``scaled_dot_product_attention`` (the reference
 extension's CPU kernel (csrc/cpu/attention.cpp: one (sample, head) per task with the head's N x N
 scores in a per-thread buffer, register-blocked micro-GEMMs, no reshape copies of q, k, v or the
 gradient; bfloat16 on CPUs with AVX512-BF16 runs its products on ``vdpbf16ps``, rounding the
-probabilities and score gradients to bfloat16 for them as autocast's matmuls do and reading subnormal
-bfloat16 inputs as zero, as oneDNN's bfloat16 GEMMs do; ``_C.attention_bf16_dot(head_dim)`` says
-whether it does, ``MVMAE_FAST_CPU_ISA=avx512`` turns it off). Both are reached through the custom
+probabilities and score gradients to bfloat16 for them as autocast's matmuls do (the forward rounds
+the unnormalised exp(s - max)) and reading subnormal bfloat16 inputs as zero, as oneDNN's bfloat16
+GEMMs do; ``_C.attention_bf16_dot(head_dim)`` says whether it does, ``MVMAE_FAST_CPU_ISA=avx512``
+turns it off). Both are reached through the custom
 ops ``mvmae_fast::attention`` (qkv, num_heads, backend) -> (out, lse) and
 ``mvmae_fast::attention_backward`` (grad_out, qkv, out, lse, num_heads, backend) -> dqkv, so
 ``torch.compile`` traces through them. The kernels take float16, bfloat16 and float32 (accumulating
