@@ -14,7 +14,6 @@
 #include <algorithm>
 #include <atomic>
 #include <cmath>
-#include <cstdlib>
 #include <cstring>
 #include <vector>
 
@@ -32,6 +31,8 @@ struct Shape {
   float scale;
   int64_t np() const { return pad_vec(seq); }
   int64_t dp() const { return pad_vec(head_dim); }
+  int64_t d2() const { return head_dim / 2; }  // the bfloat16 heads' pairs along a head's dims
+  int64_t n2() const { return (seq + 1) / 2; }  // and along its rows
 };
 
 // Where row i of a head's rows starts, in elements: part `which` (0 q, 1 k, 2 v) of head h in qkv, or
@@ -236,46 +237,39 @@ MVF_CPU_CLONES void backward_head(const void* grad_out, const void* qkv, const v
 // exp(S - max), before the division by the row sum; autocast rounds the normalised P); q is not
 // prescaled (the scale multiplies the float32 scores, and dq and dk on the way out). Head dims must
 // be even (pairs).
-struct DotDims {
-  int64_t N, np, dp, D2, N2;
-  explicit DotDims(const Shape& s)
-      : N(s.seq), np(s.np()), dp(s.dp()), D2(s.head_dim / 2), N2((s.seq + 1) / 2) {}
-};
-
 MVF_INLINE const uint16_t* bf16_ptr(const void* p) { return static_cast<const uint16_t*>(p); }
 
-// Output rows i of a head: acc[i * dp + d] * mul (/ divisor[i]) rounded to bfloat16, at base(i).
+// Output rows i < N of a head: acc[i * dp + d] * mul (/ divisor[i]) rounded to bfloat16, at base(i).
 template <class Base>
-MVF_BF16_INLINE void store_rows_bf16(const float* acc, const DotDims& t, int64_t head_dim, const Base& base, float mul,
+MVF_BF16_INLINE void store_rows_bf16(const float* acc, const Shape& s, const Base& base, float mul,
                                      const float* divisor, void* dst) {
   uint16_t* out = static_cast<uint16_t*>(dst);
-  for (int64_t i = 0; i < t.N; ++i) {
+  for (int64_t i = 0; i < s.seq; ++i) {
     const float m = divisor ? mul / divisor[i] : mul;
     uint16_t* __restrict o = out + base(i);
-    const float* __restrict a = acc + i * t.dp;
-    for (int64_t d = 0; d < head_dim; ++d) o[d] = float_to_bf16(a[d] * m);
+    const float* __restrict a = acc + i * s.dp();
+    for (int64_t d = 0; d < s.head_dim; ++d) o[d] = float_to_bf16(a[d] * m);
   }
 }
 
 MVF_BF16_TARGET void forward_head_dot(const void* qkv, void* out, float* lse, const Shape& s, int64_t b, int64_t h,
                                       float* scratch, Ahead& ahead) {
-  const DotDims t(s);
-  const int64_t N = t.N, np = t.np, dp = t.dp;
+  const int64_t N = s.seq, np = s.np(), dp = s.dp(), D2 = s.d2(), N2 = s.n2();
   uint32_t* qt = reinterpret_cast<uint32_t*>(scratch);  // D2 x np: q^T, pairs along d
-  float* pt = reinterpret_cast<float*>(qt + t.D2 * np);  // N x np: S^T / scale, then exp
+  float* pt = reinterpret_cast<float*>(qt + D2 * np);   // N x np: S^T / scale, then exp
   uint32_t* pp = reinterpret_cast<uint32_t*>(pt + N * np);  // N2 x np: exp(S - max), pairs along keys
-  uint32_t* vp = pp + t.N2 * np;                            // N2 x dp: v, pairs along keys
-  float* o = reinterpret_cast<float*>(vp + t.N2 * dp);      // N x dp: unnormalised output
+  uint32_t* vp = pp + N2 * np;                              // N2 x dp: v, pairs along keys
+  float* o = reinterpret_cast<float*>(vp + N2 * dp);        // N x dp: unnormalised output
   float* mx = o + N * dp;                                   // np: per-query maximum of S^T / scale
   float* sum = mx + np;                                     // np
   const uint16_t* x = bf16_ptr(qkv);
-  word_columns(x, qkv_rows(s, b, 0, h), N, np, t.D2, qt);
-  dot_gemm(x + qkv_row(s, b, 0, 1, h), s.row_stride, 2, qt, np, pt, np, N, t.D2, np, &ahead);  // k q^T
+  word_columns(x, qkv_rows(s, b, 0, h), N, np, D2, qt);
+  dot_gemm(x + qkv_row(s, b, 0, 1, h), s.row_stride, 2, qt, np, pt, np, N, D2, np, &ahead);  // k q^T
   softmax_columns(pt, N, np, s.scale, mx, sum);
   float_row_pairs(pt, N, np, pp);
   row_pairs(x, qkv_rows(s, b, 2, h), N, s.head_dim, dp, vp);
-  dot_gemm(reinterpret_cast<const uint16_t*>(pp), 2, 2 * np, vp, dp, o, dp, N, t.N2, dp, &ahead);  // P v
-  store_rows_bf16(o, t, s.head_dim, packed_rows(s, b, h), 1.0f, sum, out);
+  dot_gemm(reinterpret_cast<const uint16_t*>(pp), 2, 2 * np, vp, dp, o, dp, N, N2, dp, &ahead);  // P v
+  store_rows_bf16(o, s, packed_rows(s, b, h), 1.0f, sum, out);
   float* row_lse = lse + (b * s.heads + h) * N;
   for (int64_t i = 0; i < N; ++i) row_lse[i] = mx[i] * s.scale + std::log(sum[i]);
 }
@@ -283,11 +277,10 @@ MVF_BF16_TARGET void forward_head_dot(const void* qkv, void* out, float* lse, co
 MVF_BF16_TARGET void backward_head_dot(const void* grad_out, const void* qkv, const void* out, const float* lse,
                                        void* dqkv, const Shape& s, int64_t b, int64_t h, float* scratch,
                                        Ahead& ahead) {
-  const DotDims t(s);
-  const int64_t N = t.N, np = t.np, dp = t.dp, N2 = t.N2, hd = s.heads * s.head_dim;
+  const int64_t N = s.seq, np = s.np(), dp = s.dp(), D2 = s.d2(), N2 = s.n2(), hd = s.heads * s.head_dim;
   uint32_t* qt = reinterpret_cast<uint32_t*>(scratch);      // D2 x np: q^T, pairs along d
-  uint32_t* got = qt + t.D2 * np;                           // D2 x np: dO^T, pairs along d
-  float* pt = reinterpret_cast<float*>(got + t.D2 * np);    // N x np: P^T (float32)
+  uint32_t* got = qt + D2 * np;                             // D2 x np: dO^T, pairs along d
+  float* pt = reinterpret_cast<float*>(got + D2 * np);      // N x np: P^T (float32)
   float* dst = pt + N * np;                                 // N x np: dP^T, then dS^T
   uint16_t* rows16 = reinterpret_cast<uint16_t*>(dst + N * np);  // N x np bfloat16: dS^T, then P^T
   uint32_t* sp = reinterpret_cast<uint32_t*>(rows16 + N * np);   // N2 x np: dS, pairs along keys
@@ -304,33 +297,28 @@ MVF_BF16_TARGET void backward_head_dot(const void* grad_out, const void* qkv, co
     lsev[c] = c < N ? row_lse[c] : 0.0f;
     delta[c] = 0.0f;
   }
-  // rowsum(dO * o) in 16 partial sums per row: as one float chain it held up the whole call (the
-  // backward took 1.36x as long at the tiny encoder's N 17, Dh 64, and 1.11x at its decoder's N 65, Dh 32).
+  // rowsum(dO * o) in 16 partial sums per row (vector_sum): as one float chain it held up the whole
+  // call (the backward took 1.36x as long at the tiny encoder's N 17, Dh 64, 1.11x at its decoder's).
   for (int64_t i = 0; i < N; ++i) {
     const uint16_t* __restrict gr = go + packed(i);
     const uint16_t* __restrict orow = o + packed(i);
-    vec16 acc{};
-    int64_t d = 0;
-    for (; d + 16 <= s.head_dim; d += 16) {
-      float prod[16];
-      for (int k = 0; k < 16; ++k) prod[k] = bf16_to_float(gr[d + k]) * bf16_to_float(orow[d + k]);
+    delta[i] = vector_sum(s.head_dim, [&](int64_t d, int64_t count) MVF_LAMBDA_INLINE {
+      float prod[16] = {};
+      for (int64_t k = 0; k < count; ++k) prod[k] = bf16_to_float(gr[d + k]) * bf16_to_float(orow[d + k]);
       vec16 v;
       std::memcpy(&v, prod, sizeof v);
-      acc += v;
-    }
-    float tail = 0.0f;
-    for (; d < s.head_dim; ++d) tail += bf16_to_float(gr[d]) * bf16_to_float(orow[d]);
-    delta[i] = hsum(acc) + tail;
+      return v;
+    });
   }
-  word_columns(x, qkv_rows(s, b, 0, h), N, np, t.D2, qt);
-  word_columns(go, packed, N, np, t.D2, got);
-  dot_gemm(x + qkv_row(s, b, 0, 1, h), s.row_stride, 2, qt, np, pt, np, N, t.D2, np, &ahead);  // k q^T
+  word_columns(x, qkv_rows(s, b, 0, h), N, np, D2, qt);
+  word_columns(go, packed, N, np, D2, got);
+  dot_gemm(x + qkv_row(s, b, 0, 1, h), s.row_stride, 2, qt, np, pt, np, N, D2, np, &ahead);  // k q^T
   for (int64_t j = 0; j < N; ++j) {
     float* row = pt + j * np;
     for (int64_t c = 0; c < np; ++c)
       row[c] = c < N ? exp_nonpositive(std::min(row[c] * s.scale - lsev[c], 0.0f)) : 0.0f;  // padded queries: 0
   }
-  dot_gemm(x + qkv_row(s, b, 0, 2, h), s.row_stride, 2, got, np, dst, np, N, t.D2, np, &ahead);  // dP^T = v dO^T
+  dot_gemm(x + qkv_row(s, b, 0, 2, h), s.row_stride, 2, got, np, dst, np, N, D2, np, &ahead);  // dP^T = v dO^T
   for (int64_t j = 0; j < N; ++j) {
     float* row = dst + j * np;
     const float* prow = pt + j * np;
@@ -343,28 +331,28 @@ MVF_BF16_TARGET void backward_head_dot(const void* grad_out, const void* qkv, co
   float_row_pairs(dst, N, np, sp);
   row_pairs(x, qkv_rows(s, b, 1, h), N, s.head_dim, dp, pairs);
   dot_gemm(reinterpret_cast<const uint16_t*>(sp), 2, 2 * np, pairs, dp, g, dp, N, N2, dp, &ahead);
-  store_rows_bf16(g, t, s.head_dim, grad_rows(0), s.scale, nullptr, dqkv);
+  store_rows_bf16(g, s, grad_rows(0), s.scale, nullptr, dqkv);
   // dk = scale dS^T q: dS^T's bfloat16 rows (pairs along queries) times q's rows in pairs.
   round_to_bf16(dst, N * np, rows16);
   row_pairs(x, qkv_rows(s, b, 0, h), N, s.head_dim, dp, pairs);
   dot_gemm(rows16, np, 2, pairs, dp, g, dp, N, N2, dp, &ahead);
-  store_rows_bf16(g, t, s.head_dim, grad_rows(1), s.scale, nullptr, dqkv);
+  store_rows_bf16(g, s, grad_rows(1), s.scale, nullptr, dqkv);
   // dv = P^T dO.
   round_to_bf16(pt, N * np, rows16);
   row_pairs(go, packed, N, s.head_dim, dp, pairs);
   dot_gemm(rows16, np, 2, pairs, dp, g, dp, N, N2, dp, &ahead);
-  store_rows_bf16(g, t, s.head_dim, grad_rows(2), 1.0f, nullptr, dqkv);
+  store_rows_bf16(g, s, grad_rows(2), 1.0f, nullptr, dqkv);
 }
 
 // Floats of scratch the bfloat16 heads need (the backward's, the larger).
 int64_t dot_scratch_floats(const Shape& s) {
-  const DotDims t(s);
-  return 2 * t.D2 * t.np + 2 * t.N * t.np + (t.N * t.np + 1) / 2 + t.N2 * t.np + t.N2 * t.dp + t.N * t.dp + 2 * t.np;
+  const int64_t N = s.seq, np = s.np(), dp = s.dp(), N2 = s.n2();
+  return 2 * s.d2() * np + 2 * N * np + (N * np + 1) / 2 + N2 * np + N2 * dp + N * dp + 2 * np;
 }
 #endif  // MVF_HAVE_BF16_DOT
 
-bool use_bf16_dot(int dtype, const Shape& s) {
-  return dtype == kBFloat16 && s.head_dim % 2 == 0 && bf16_dot_supported();
+bool use_bf16_dot(int dtype, int64_t head_dim) {
+  return dtype == kBFloat16 && head_dim % 2 == 0 && bf16_dot_supported();
 }
 
 int64_t head_flops(const Shape& s) { return std::max<int64_t>(1, s.seq * s.seq * s.head_dim); }
@@ -471,28 +459,9 @@ Shape make_shape(int64_t batch, int64_t seq, int64_t heads, int64_t head_dim, in
 
 }  // namespace
 
-bool bf16_dot_supported() {
-#if MVF_HAVE_BF16_DOT
-  static const bool yes = [] {
-    const char* env = std::getenv("MVMAE_FAST_CPU_ISA");
-    if (env && (std::strcmp(env, "avx512") == 0 || std::strcmp(env, "avx2") == 0 || std::strcmp(env, "generic") == 0))
-      return false;
-    __builtin_cpu_init();
-    return __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
-           __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512dq") &&
-           __builtin_cpu_supports("avx512bf16");
-  }();
-  return yes;
-#else
-  return false;
-#endif
-}
+bool bf16_dot_supported() { return MVF_HAVE_BF16_DOT && cpu_isa() >= kIsaAvx512Bf16; }
 
-bool attention_bf16_dot(int64_t head_dim) {
-  Shape s{};
-  s.head_dim = head_dim;
-  return use_bf16_dot(kBFloat16, s);
-}
+bool attention_bf16_dot(int64_t head_dim) { return use_bf16_dot(kBFloat16, head_dim); }
 
 void attention_forward_cpu(const void* qkv, void* out, float* lse, int dtype, int64_t batch, int64_t seq,
                            int64_t heads, int64_t head_dim, int64_t row_stride, int64_t batch_stride,
@@ -503,7 +472,7 @@ void attention_forward_cpu(const void* qkv, void* out, float* lse, int dtype, in
     add_qkv(ahead, qkv, s, b, esize);
     add_packed(ahead, out, s, b, hd, esize);
   };
-  [[maybe_unused]] const bool dot = use_bf16_dot(dtype, s);
+  [[maybe_unused]] const bool dot = use_bf16_dot(dtype, head_dim);
   const auto head = [&](int64_t b, int64_t h, float* scratch, Ahead& ahead) {
 #if MVF_HAVE_BF16_DOT
     if (dot) return forward_head_dot(qkv, out, lse, s, b, h, scratch, ahead);
@@ -526,7 +495,7 @@ void attention_backward_cpu(const void* grad_out, const void* qkv, const void* o
     add_packed(ahead, out, s, b, hd, esize);
     add_packed(ahead, dqkv, s, b, 3 * hd, esize);
   };
-  [[maybe_unused]] const bool dot = use_bf16_dot(dtype, s);
+  [[maybe_unused]] const bool dot = use_bf16_dot(dtype, head_dim);
   const auto head = [&](int64_t b, int64_t h, float* scratch, Ahead& ahead) {
 #if MVF_HAVE_BF16_DOT
     if (dot) return backward_head_dot(grad_out, qkv, out, lse, dqkv, s, b, h, scratch, ahead);

@@ -15,8 +15,6 @@
 // Rows are split into contiguous per-thread ranges; column sums go through 64-row block sums into one
 // partial per range, added in range order (deterministic for a thread count).
 #include <algorithm>
-#include <cstdlib>
-#include <cstring>
 #include <vector>
 
 #if defined(__x86_64__)
@@ -54,14 +52,6 @@ void with_column_sums(int64_t rows, int64_t cols, int threads, float* colsum, co
   for (int64_t s = 1; s < slots; ++s)
     for (int64_t j = 0; j < cols; ++j) colsum[j] += partial[s * cols + j];
 }
-
-// A row lambda inlined into the clone that calls it (so it is compiled, and vectorised, for that clone's
-// instruction set rather than as a separate baseline function).
-#if defined(__GNUC__)
-#define MVF_LAMBDA_INLINE __attribute__((always_inline))
-#else
-#define MVF_LAMBDA_INLINE
-#endif
 
 // Rows [begin, end) in blocks of kBlock: row(r, acc) adds row r's contribution to the block's column
 // sums acc (cols floats, zeroed per block), which are then added into sum. Inlined into each caller's
@@ -209,18 +199,9 @@ void gelu_backward_avx512(const uint16_t* __restrict dact, const uint16_t* __res
   }
 }
 
-// MVMAE_FAST_CPU_ISA=avx2|generic (as mlp.cpp reads it) turns the intrinsics off, so tests can run the
+// MVMAE_FAST_CPU_ISA=avx2|generic turns the intrinsics off (cpu_isa in simd.h), so tests can run the
 // generic loop on an AVX-512 machine.
-bool has_avx512() {
-  static const bool yes = [] {
-    const char* env = std::getenv("MVMAE_FAST_CPU_ISA");
-    if (env && (std::strcmp(env, "avx2") == 0 || std::strcmp(env, "generic") == 0)) return false;
-    __builtin_cpu_init();
-    return __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
-           __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512dq") && __builtin_cpu_supports("fma");
-  }();
-  return yes;
-}
+bool has_avx512() { return cpu_isa() >= kIsaAvx512; }
 #endif
 
 MVF_CPU_CLONES

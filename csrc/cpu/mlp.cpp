@@ -18,9 +18,7 @@
 // AVX2 and older 4 x 16 ones; the variant is picked once at load time from the CPU's features.
 #include <algorithm>
 #include <cmath>
-#include <cstdlib>
 #include <cstring>
-#include <string>
 #include <vector>
 
 #include "../ops.h"
@@ -433,22 +431,15 @@ MVF_VARIANT(avx2, __attribute__((target("arch=x86-64-v3"))), 4, 1)
 #endif
 MVF_VARIANT(generic, , 4, 1)
 
-// MVMAE_FAST_CPU_ISA=avx2|generic (read once) picks a lower variant than the CPU supports, so the
-// tests can run every variant on one machine; unset or unknown values take the best the CPU has.
+// MVMAE_FAST_CPU_ISA=avx2|generic picks a lower variant than the CPU supports (cpu_isa in simd.h), so
+// the tests can run every variant on one machine.
 const Variant& variant() {
   static const Variant chosen = [] {
-    const char* env = std::getenv("MVMAE_FAST_CPU_ISA");
-    const std::string wanted = env ? env : "";
 #ifdef MVF_MLP_DISPATCH
-    __builtin_cpu_init();
-    const bool avx512 = __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512vl") &&
-                        __builtin_cpu_supports("avx512bw") && __builtin_cpu_supports("avx512dq") &&
-                        __builtin_cpu_supports("fma");
-    const bool avx2 = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
-    if (avx512 && wanted != "avx2" && wanted != "generic")
+    if (cpu_isa() >= kIsaAvx512)
       return Variant{"avx512", 2, avx512_forward, avx512_backward, avx512_linear_forward, avx512_linear_backward,
                      avx512_pack};
-    if (avx2 && wanted != "generic")
+    if (cpu_isa() >= kIsaAvx2)
       return Variant{"avx2", 1, avx2_forward, avx2_backward, avx2_linear_forward, avx2_linear_backward, avx2_pack};
 #endif
     return Variant{"generic", 1, generic_forward, generic_backward, generic_linear_forward, generic_linear_backward,

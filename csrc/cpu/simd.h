@@ -8,6 +8,7 @@
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
+#include <cstdlib>
 #include <cstring>
 
 #if defined(__SSE__) || defined(__x86_64__)
@@ -27,6 +28,48 @@
 #endif
 
 namespace mvmae_fast {
+
+// The instruction sets the dispatching kernels choose between (mlp.cpp's variants, autocast.cpp's
+// intrinsics, the attention's bfloat16 products in bf16_dot.h), in order.
+enum CpuIsa : int { kIsaGeneric = 0, kIsaAvx2 = 1, kIsaAvx512 = 2, kIsaAvx512Bf16 = 3 };
+
+// The best of them this CPU (and OS) runs, capped by MVMAE_FAST_CPU_ISA=generic|avx2|avx512 (avx512:
+// AVX-512 without its BF16 instructions), which the tests use to run every variant on one machine;
+// unset or unknown values cap nothing. Read once per process. Off x86-64 Linux with GCC or clang
+// (no __builtin_cpu_supports dispatch there): generic. kIsaAvx512Bf16 needs GCC 11+ or clang 11+.
+inline int cpu_isa() {
+  static const int isa = [] {
+    int best = kIsaGeneric;
+#if defined(__GNUC__) && defined(__x86_64__) && defined(__linux__)
+    __builtin_cpu_init();
+    const bool fma = __builtin_cpu_supports("fma");
+    if (fma && __builtin_cpu_supports("avx2")) best = kIsaAvx2;
+    if (fma && __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
+        __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512dq")) {
+      best = kIsaAvx512;
+#if (!defined(__clang__) && __GNUC__ >= 11) || (defined(__clang__) && __clang_major__ >= 11)
+      if (__builtin_cpu_supports("avx512bf16")) best = kIsaAvx512Bf16;
+#endif
+    }
+#endif
+    const char* env = std::getenv("MVMAE_FAST_CPU_ISA");
+    const int cap = !env                                 ? kIsaAvx512Bf16
+                    : std::strcmp(env, "generic") == 0 ? kIsaGeneric
+                    : std::strcmp(env, "avx2") == 0    ? kIsaAvx2
+                    : std::strcmp(env, "avx512") == 0  ? kIsaAvx512
+                                                       : kIsaAvx512Bf16;
+    return std::min(best, cap);
+  }();
+  return isa;
+}
+
+// A lambda inlined into the (cloned or target-attributed) function that calls it, so it is compiled,
+// and vectorised, for that function's instruction set rather than as a separate baseline function.
+#if defined(__GNUC__)
+#define MVF_LAMBDA_INLINE __attribute__((always_inline))
+#else
+#define MVF_LAMBDA_INLINE
+#endif
 
 // Element types crossing the boundary: 0 float32, 1 bfloat16, 2 float16 (the Python side maps them).
 enum CpuDtype : int { kFloat32 = 0, kBFloat16 = 1, kFloat16 = 2 };
