@@ -3,8 +3,9 @@ PyTorch's SDPA, backend pinned.
 
 Shapes (B, H, N, Dh): the ViT-B encoder on 40 (MV-MAE, 80% mask) and 50 (MAE, 75% mask) visible
 tokens, and the 512/16 decoder on 197 tokens; B=256 on CUDA (float16, as MAE's autocast), B=8 on the
-CPU (float32), tiny for CI. On the CPU also the micro preset's encoder (17 tokens) and decoder (65
-tokens) at batch 64, in float32 and bfloat16 (CPU autocast's dtype). Every provider reads the fused (B, N, 3*H*Dh) qkv and returns
+CPU (float32), tiny for CI. On the CPU also the micro and tiny presets' encoders (17 tokens) and
+decoders (65 tokens) at batch 64, in float32 and bfloat16 (CPU autocast's dtype; the cpp kernel's
+AVX512-BF16 products where the CPU has them). Every provider reads the fused (B, N, 3*H*Dh) qkv and returns
 (B, N, H*Dh); forward+backward returns d qkv.
 
 FLOPs: forward 4*B*H*N^2*Dh (two matmuls); forward+backward 3.5x that (the backward's five matmuls
@@ -38,11 +39,13 @@ REFERENCE_PROVIDERS = (*SDPA_BACKENDS, *(("xformers",) if xops is not None else 
 IMPLEMENTED = ("cpp", "triton")
 
 SHAPES = {"encoder_n40": (256, 12, 40, 64), "encoder_n50": (256, 12, 50, 64), "decoder_n197": (256, 16, 197, 32),
-          "micro_encoder_n17": (64, 4, 17, 32), "micro_decoder_n65": (64, 4, 65, 16)}
-CPU_ONLY = ("micro_encoder_n17", "micro_decoder_n65")
+          "micro_encoder_n17": (64, 4, 17, 32), "micro_decoder_n65": (64, 4, 65, 16),
+          "tiny_encoder_n17": (64, 3, 17, 64), "tiny_decoder_n65": (64, 4, 65, 32)}
+CPU_ONLY = ("micro_encoder_n17", "micro_decoder_n65", "tiny_encoder_n17", "tiny_decoder_n65")
 CPU_BATCH = 8
 TINY = {"encoder_n40": (2, 2, 40, 64), "encoder_n50": (2, 2, 50, 64), "decoder_n197": (1, 2, 197, 32),
-        "micro_encoder_n17": (2, 4, 17, 32), "micro_decoder_n65": (2, 4, 65, 16)}
+        "micro_encoder_n17": (2, 4, 17, 32), "micro_decoder_n65": (2, 4, 65, 16),
+        "tiny_encoder_n17": (2, 3, 17, 64), "tiny_decoder_n65": (2, 4, 65, 32)}
 FWD_BWD_FLOP_FACTOR = 3.5
 
 
@@ -87,7 +90,7 @@ def test_attention(timed, benchmark, device, provider, shape, mode, dtype):
     if device.type == "cpu" and dtype == "float16":
         pytest.skip("CPU cases: float32 and bfloat16")
     if device.type == "cpu" and dtype == "bfloat16" and shape not in CPU_ONLY:
-        pytest.skip("CPU bfloat16 cases: the micro preset's shapes")
+        pytest.skip("CPU bfloat16 cases: the micro and tiny presets' shapes")
     B, H, N, Dh = shape_for(device, shape)
     dtype = getattr(torch, dtype)
     gen = torch.Generator(device=device).manual_seed(0)
