@@ -12,10 +12,20 @@ the CPU numbers to quote. Same models, shapes and optimizer as benchmarks/test_s
     python benchmarks/interleaved_step.py --isolated 3         # each provider alone in its own process,
                                                                # processes alternated, 3 rounds
     python benchmarks/interleaved_step.py --preset vit_tiny_patch4_32 --rounds 10   # the larger preset
+    python benchmarks/interleaved_step.py --preset vit_tiny_patch4_32 --precision bf16 --breakdown
+                                                               # + where each step's time goes (below)
 
 Interleaving puts several models' memory in one process; ``--isolated N`` instead runs each provider
 alone in a fresh process (as training would), N rounds of alternating processes, and reports the
 median of each process's median step.
+
+``--breakdown`` then profiles a few more steps of each provider (torch.profiler) and splits the step
+into its matrix products (mm, addmm, bmm, baddbmm, convolution: the BLAS / oneDNN calls every provider
+makes for the same FLOPs) and the rest, and says what that means for the first provider's ratio: a
+provider that ran the same products at the same speed and nothing else would be at most
+step / products faster, and a target ratio leaves (step / target - products) ms for everything else.
+On a CPU whose products dominate the reference's step (bf16 on a 2-core AVX512-BF16 machine) that, not
+the fused kernels, is what bounds the speed-up.
 
 Every process keeps freed memory between steps (mvmae_fast.runtime.retain_freed_memory, as
 train/pretrain.py does by default) for every provider alike; ``--default-malloc`` keeps glibc's
@@ -50,6 +60,10 @@ def main():
     parser.add_argument("--warmup", type=int, default=5)
     parser.add_argument("--isolated", type=int, default=0, metavar="N",
                         help="run each provider alone in a fresh process, N alternating rounds")
+    parser.add_argument("--breakdown", action="store_true",
+                        help="profile each provider's step: matrix products vs the rest, and the ratio bound")
+    parser.add_argument("--target", type=float, default=1.3,
+                        help="the ratio --breakdown budgets the rest of the step for (default 1.3)")
     parser.add_argument("--default-malloc", action="store_true",
                         help="keep glibc's malloc defaults (no mvmae_fast.runtime.retain_freed_memory)")
     parser.add_argument("--child", nargs=2, metavar=("PROVIDER", "PRECISION"), help=argparse.SUPPRESS)
@@ -83,6 +97,40 @@ def main():
             base = base or median
             print(f"{precision:5s} {provider:24s} {median * 1e3:7.1f} ms  {BATCH / median:7.1f} img/s  "
                   f"x{base / median:.3f} vs {args.providers[0]}")
+        if args.breakdown:
+            breakdown(steps, precision, args.target)
+
+
+# The matrix products: what every provider runs for the same FLOPs (oneDNN / BLAS on the CPU). Self
+# time, so a composite op (linear, matmul) counts through the product it calls.
+PRODUCT_OPS = ("aten::mm", "aten::addmm", "aten::bmm", "aten::baddbmm", "aten::mkldnn_convolution",
+               "aten::convolution_backward", "aten::_mkldnn_linear_pointwise", "mkldnn::_linear_pointwise")
+
+
+def products_ms(step, steps=3):
+    """(whole step, matrix products) in ms per step, from torch.profiler over `steps` steps."""
+    from torch.profiler import ProfilerActivity, profile
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        start = time.perf_counter()
+        for _ in range(steps):
+            step()
+        total = (time.perf_counter() - start) / steps
+    products = sum(e.self_cpu_time_total for e in prof.key_averages() if e.key in PRODUCT_OPS) / steps
+    return total * 1e3, products / 1e3
+
+
+def breakdown(steps, precision, target):
+    """Prints each provider's step split into aten's matrix products and the rest (profiled, so a little
+    slower than the timed steps above), and the first provider's ceiling. mvmae_fast's float32 fused
+    layers (csrc/cpu/mlp.cpp) run their products themselves: under float32 they count as "rest"."""
+    rows = {p: products_ms(step) for p, step in steps.items()}
+    base, (base_total, base_products) = next(iter(rows.items()))
+    for provider, (total, products) in rows.items():
+        print(f"{precision:5s} {provider:24s} profiled {total:7.1f} ms = aten matrix products {products:7.1f} ms "
+              f"({products / total:4.0%}) + rest {total - products:7.1f} ms")
+    print(f"{precision:5s} {base}'s products are {base_products / base_total:.0%} of its step: the same products at "
+          f"the same speed and nothing else would be x{base_total / max(base_products, 1e-9):.2f}; x{target:g} "
+          f"leaves {base_total / target - base_products:.1f} ms (profiled) per step for everything else")
 
 
 def child(provider, precision, preset, warmup, rounds):

@@ -220,6 +220,37 @@ PYBIND11_MODULE(_C, m) {
         cast_bf16_colsum_cpu(ptr<const float>(g), ptr<uint16_t>(out), ptr<float>(colsum), rows, cols, threads);
       },
       py::arg("g"), py::arg("out"), py::arg("colsum"), py::arg("rows"), py::arg("cols"), py::arg("threads"));
+  m.def("linear_bf16_supported", &linear_bf16_supported,
+        "Whether linear_bf16_cpu runs here (AVX512-BF16, not capped by MVMAE_FAST_CPU_ISA)");
+  m.def(
+      "linear_bf16_cpu",
+      [](uintptr_t a, uintptr_t w, uintptr_t b, uintptr_t wb, int64_t rows, int64_t K, int64_t N, int epilogue,
+         uintptr_t out, uintptr_t deriv, uintptr_t residual, int threads) {
+        py::gil_scoped_release release;
+        linear_bf16_cpu(ptr<const uint16_t>(a), ptr<const float>(w), ptr<const float>(b), ptr<uint16_t>(wb), rows, K,
+                        N, epilogue, reinterpret_cast<void*>(out), ptr<uint16_t>(deriv), ptr<const float>(residual),
+                        threads);
+      },
+      py::arg("a"), py::arg("w"), py::arg("b"), py::arg("wb"), py::arg("rows"), py::arg("K"), py::arg("N"),
+      py::arg("epilogue"), py::arg("out"), py::arg("deriv"), py::arg("residual"), py::arg("threads"));
+  m.def(
+      "linear_bf16_backward_input_cpu",
+      [](uintptr_t g, uintptr_t wb, int64_t rows, int64_t N, int64_t K, uintptr_t out, bool gelu, uintptr_t deriv,
+         uintptr_t colsum, int threads) {
+        py::gil_scoped_release release;
+        linear_bf16_backward_input_cpu(ptr<const uint16_t>(g), ptr<const uint16_t>(wb), rows, N, K, ptr<uint16_t>(out),
+                                       gelu, ptr<const uint16_t>(deriv), ptr<float>(colsum), threads);
+      },
+      py::arg("g"), py::arg("wb"), py::arg("rows"), py::arg("N"), py::arg("K"), py::arg("out"), py::arg("gelu"),
+      py::arg("deriv"), py::arg("colsum"), py::arg("threads"));
+  m.def(
+      "linear_bf16_backward_weight_cpu",
+      [](uintptr_t g, uintptr_t x, int64_t rows, int64_t N, int64_t K, uintptr_t dw, int threads) {
+        py::gil_scoped_release release;
+        linear_bf16_backward_weight_cpu(ptr<const uint16_t>(g), ptr<const uint16_t>(x), rows, N, K, ptr<float>(dw),
+                                        threads);
+      },
+      py::arg("g"), py::arg("x"), py::arg("rows"), py::arg("N"), py::arg("K"), py::arg("dw"), py::arg("threads"));
   m.def(
       "gelu_bf16_backward_cpu",
       [](uintptr_t dact, uintptr_t deriv, uintptr_t dpre, uintptr_t colsum, int64_t rows, int64_t cols, int threads) {

@@ -65,6 +65,23 @@ void gelu_bf16_forward_cpu(const uint16_t* pre, uint16_t* act, uint16_t* deriv, 
 void cast_bf16_colsum_cpu(const float* g, uint16_t* out, float* colsum, int64_t rows, int64_t cols, int threads);
 void gelu_bf16_backward_cpu(const uint16_t* dact, const uint16_t* deriv, uint16_t* dpre, float* colsum, int64_t rows,
                             int64_t cols, int threads);
+// A linear's forward under CPU bfloat16 autocast on AVX512-BF16 (linear_bf16_supported()):
+// y = round_bf16(a w^T + round_bf16(b)) as autocast's addmm, a (rows, K) bfloat16, w (N, K) and b (N)
+// float32; wb (N, K) receives w rounded to bfloat16 (the backward's operand). epilogue 0: out = y
+// (bfloat16); 1: out = gelu(y) (bfloat16) and deriv = gelu'(y) * 2^14 (float16), as
+// gelu_bf16_forward; 2: out = residual + y (float32, rows x N).
+bool linear_bf16_supported();
+void linear_bf16_cpu(const uint16_t* a, const float* w, const float* b, uint16_t* wb, int64_t rows, int64_t K,
+                     int64_t N, int epilogue, void* out, uint16_t* deriv, const float* residual, int threads);
+// Its input gradient: out (rows, K) = round_bf16(g wb), g (rows, N) and wb (N, K) bfloat16 (autocast's
+// mm); with gelu, GELU's backward on it as gelu_bf16_backward, deriv (rows, K, float16) the forward's:
+// out = round_bf16(dact gelu'), colsum (K) the column sums of the unrounded products.
+void linear_bf16_backward_input_cpu(const uint16_t* g, const uint16_t* wb, int64_t rows, int64_t N, int64_t K,
+                                    uint16_t* out, bool gelu, const uint16_t* deriv, float* colsum, int threads);
+// Its weight gradient: dw (N, K) float32 = round_bf16(g^T x), g (rows, N) and x (rows, K) bfloat16, as
+// autocast's mm(g.t(), x).float().
+void linear_bf16_backward_weight_cpu(const uint16_t* g, const uint16_t* x, int64_t rows, int64_t N, int64_t K,
+                                     float* dw, int threads);
 void layer_norm_bf16_backward_cpu(const uint16_t* dy, const float* x, const float* mean, const float* rstd,
                                   const float* gamma, const float* residual, float* dx, float* dgamma, float* dbeta,
                                   int64_t rows, int64_t dim, int threads);

@@ -849,6 +849,44 @@ def test_generic_isa_variant():
     rerun_tests_under_isa("generic", __file__, "test_kernel_")
 
 
+# --------------------------------------------------------------------------- #
+# the linears: own AVX512-BF16 GEMMs (tests/test_linear_bf16.py) or autocast's addmm / mm
+# --------------------------------------------------------------------------- #
+LINEAR_KERNELS = ("linear_bf16_cpu", "linear_bf16_backward_input_cpu", "linear_bf16_backward_weight_cpu")
+
+
+@pytest.mark.skipif(C is None or not C.linear_bf16_supported(), reason="no AVX512-BF16: the layers call addmm / mm")
+def test_own_linears_used(monkeypatch):
+    """On AVX512-BF16 every linear of the block (qkv, proj, fc1, fc2) and of prenorm_linear runs on the
+    extension's GEMMs, forward, input gradient and weight gradient: no aten mm / addmm in the step."""
+    calls = {name: 0 for name in LINEAR_KERNELS}
+    for name in LINEAR_KERNELS:
+        def counted(*args, _f=getattr(C, name), _name=name):
+            calls[_name] += 1
+            return _f(*args)
+        monkeypatch.setattr(C, name, counted)
+    block = make_block(32, 4)
+    x = torch.randn(2, 9, 32, generator=gen(0), requires_grad=True)
+    (inputs, _) = linear_inputs((2, 9, 32), 48)
+    leaves = [t.detach().clone().requires_grad_(True) for t in inputs]
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+        with autocast():
+            out, lin = block(x), fused_linear(*leaves)
+        (out.sum() + lin.float().sum()).backward()
+    assert calls == {name: 5 for name in LINEAR_KERNELS}, calls
+    products = {e.key for e in prof.key_averages()} & {"aten::mm", "aten::addmm", "aten::matmul", "aten::linear"}
+    assert not products, products
+
+
+def test_addmm_path_under_avx512():
+    """MVMAE_FAST_CPU_ISA=avx512 (AVX-512 without the BF16 instructions, as older Xeons) turns the own
+    GEMMs off: the layers call autocast's addmm / mm and separate GELU and residual kernels. The layer
+    tests pass on that path too, in a fresh process."""
+    assert isa_probe("avx512", "_ext._C.linear_bf16_supported()") == "False"
+    rerun_tests_under_isa("avx512", __file__, "matches_unfused or dispatch or zero_rows or noncontiguous or "
+                          "deterministic or sum_and_zero or mvmae_training or interleaved")
+
+
 @pytest.mark.parametrize("which", ["prenorm_mlp", "prenorm_linear", "block"])
 def test_double_backward_refused(which):
     """The autocast Functions are once-differentiable: a second derivative through them raises rather

@@ -12,9 +12,13 @@
 //   layer_norm_bf16_backward  dXn (bf16) -> dx (f32, + the residual's gradient), dgamma, dbeta
 //   colsum_bf16               column sums of a bfloat16 gradient (the qkv bias's), no float copy
 //   add_bf16                  x (f32) + y (bf16) -> f32: the residual, without upcasting y first
+// and, on AVX512-BF16, the linears themselves (linear_bf16_*, below the elementwise kernels): the
+// forward's product + bias with GELU or the residual in the epilogue, the input gradient with GELU's
+// backward in its epilogue, the weight gradient rounded and widened in its epilogue.
 // Rows are split into contiguous per-thread ranges; column sums go through 64-row block sums into one
 // partial per range, added in range order (deterministic for a thread count).
 #include <algorithm>
+#include <cstring>
 #include <vector>
 
 #if defined(__x86_64__)
@@ -22,6 +26,7 @@
 #endif
 
 #include "../ops.h"
+#include "bf16_dot.h"
 #include "parallel.h"
 #include "simd.h"
 
@@ -108,15 +113,20 @@ MVF_AVX512_TARGET inline __attribute__((always_inline)) __m512 load_bf16x16(__mm
   return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_maskz_loadu_epi16(lanes, p)), 16));
 }
 
-// 16 floats stored as bfloat16 in the masked lanes: round to nearest even, NaN quieted, as
-// float_to_bf16 (vcvtneps2bf16 would flush subnormals).
-MVF_AVX512_TARGET inline __attribute__((always_inline)) void store_bf16x16(__mmask16 lanes, uint16_t* p, __m512 v) {
+// 16 floats rounded to bfloat16 (nearest even, NaN quieted, as float_to_bf16; vcvtneps2bf16 would flush
+// subnormals): the 16-bit patterns in the low halves of 32-bit lanes.
+MVF_AVX512_TARGET inline __attribute__((always_inline)) __m512i round_bf16x16(__m512 v) {
   const __m512i bits = _mm512_castps_si512(v);
   const __m512i lsb = _mm512_and_si512(_mm512_srli_epi32(bits, 16), _mm512_set1_epi32(1));
-  __m512i rounded = _mm512_srli_epi32(_mm512_add_epi32(bits, _mm512_add_epi32(lsb, _mm512_set1_epi32(0x7fff))), 16);
+  const __m512i rounded =
+      _mm512_srli_epi32(_mm512_add_epi32(bits, _mm512_add_epi32(lsb, _mm512_set1_epi32(0x7fff))), 16);
   const __mmask16 nan = _mm512_cmp_ps_mask(v, v, _CMP_UNORD_Q);
-  rounded = _mm512_mask_or_epi32(rounded, nan, _mm512_srli_epi32(bits, 16), _mm512_set1_epi32(0x40));
-  _mm256_mask_storeu_epi16(p, lanes, _mm512_cvtepi32_epi16(rounded));
+  return _mm512_mask_or_epi32(rounded, nan, _mm512_srli_epi32(bits, 16), _mm512_set1_epi32(0x40));
+}
+
+// 16 floats stored as bfloat16 (round_bf16x16) in the masked lanes.
+MVF_AVX512_TARGET inline __attribute__((always_inline)) void store_bf16x16(__mmask16 lanes, uint16_t* p, __m512 v) {
+  _mm256_mask_storeu_epi16(p, lanes, _mm512_cvtepi32_epi16(round_bf16x16(v)));
 }
 
 // The forward's arithmetic with AVX-512 intrinsics, 16 values per step: the compiler's vectorisation of
@@ -295,6 +305,229 @@ void gelu_lookup_avx512(const uint32_t* __restrict table, const uint16_t* __rest
 }
 #endif
 
+#if MVF_HAVE_BF16_DOT
+// The linears' forward on AVX512-BF16 (linear_bf16_cpu below): a (rows x K, bfloat16) times w^T with
+// w (N x K) the float32 parameter, plus the bias, rounded to bfloat16 once, as autocast's addmm on
+// oneDNN does, and then the epilogue, while the tile is still in registers. The products are
+// bf16_dot.h's (6 rows x 32 columns of float32 accumulators over the pairs of K); the sums' order is
+// ours, so a result differs from oneDNN's in the last bfloat16 bit where a float32 sum lands on a
+// rounding boundary (~1e-4 of the outputs).
+#define MVF_LINEAR_TARGET __attribute__((target("avx512f,avx512bw,avx512vl,avx512dq,avx512bf16,fma,f16c")))
+#define MVF_LINEAR_INLINE \
+  inline __attribute__((always_inline, target("avx512f,avx512bw,avx512vl,avx512dq,avx512bf16,fma,f16c")))
+
+// Rows [n0, n0 + 16) of w (those below N) rounded to bfloat16 into wb, and their pairs along K
+// transposed into packed (ceil(K / 2) x np words): word (k2, n) = wb[n][2 k2] | wb[n][2 k2 + 1] << 16,
+// zero past K and for n >= N. 16 x 16 words at a time, transposed in registers.
+MVF_LINEAR_TARGET void pack_weight_block(const float* w, int64_t N, int64_t K, int64_t np, int64_t n0, uint16_t* wb,
+                                         uint32_t* packed) {
+  const int64_t rows = std::min<int64_t>(16, N - n0), K2 = (K + 1) / 2;
+  for (int64_t n = n0; n < n0 + rows; ++n)
+    for (int64_t k = 0; k < K; k += 16) store_bf16x16(first_lanes(K - k), wb + n * K + k,
+                                                      _mm512_maskz_loadu_ps(first_lanes(K - k), w + n * K + k));
+  for (int64_t w0 = 0; w0 < K2; w0 += 16) {
+    const int64_t ww = std::min<int64_t>(16, K2 - w0);
+    vec16 r[16];
+    for (int64_t i = 0; i < 16; ++i) {
+      uint32_t words[16] = {};
+      if (i < rows) {
+        const uint16_t* row = wb + (n0 + i) * K;
+        if (2 * (w0 + ww) <= K) {
+          std::memcpy(words, row + 2 * w0, static_cast<size_t>(ww) * 4);
+        } else {
+          for (int64_t j = 0; j < ww; ++j) {
+            const int64_t k = 2 * (w0 + j);
+            words[j] = row[k] | (k + 1 < K ? static_cast<uint32_t>(row[k + 1]) << 16 : 0u);
+          }
+        }
+      }
+      std::memcpy(&r[i], words, sizeof words);
+    }
+    transpose16(r);  // shuffles only: the words' bits pass through unchanged
+    for (int64_t j = 0; j < ww; ++j) std::memcpy(packed + (w0 + j) * np + n0, &r[j], sizeof(vec16));
+  }
+}
+
+// The epilogues: each gets one accumulator vector, output row r, columns [c, c + 16) (c < np; the
+// columns at and past N are padding, not stored), and adds the bias (float32 values of the bfloat16
+// bias, padded to np) before rounding once.
+struct Epilogue {
+  const float* bias;
+  int64_t N;
+  MVF_LINEAR_INLINE __mmask16 lanes(int64_t c) const { return first_lanes(N - c); }
+  MVF_LINEAR_INLINE __m512i rounded(int64_t c, __m512 acc) const {
+    return round_bf16x16(_mm512_add_ps(acc, _mm512_loadu_ps(bias + c)));
+  }
+};
+
+// out (rows x N, bfloat16) = the rounded sums.
+struct StoreEpilogue : Epilogue {
+  static constexpr bool kColumnSums = false;
+  uint16_t* out;
+  MVF_LINEAR_INLINE void operator()(int64_t r, int64_t c, __m512 acc) const {
+    _mm256_mask_storeu_epi16(out + r * N + c, lanes(c), _mm512_cvtepi32_epi16(rounded(c, acc)));
+  }
+};
+
+// act = gelu(rounded sums) (bfloat16) and deriv = gelu'(them) * 2^14 (float16): one gather in
+// gelu_table, as gelu_bf16_forward does on the stored sums.
+struct GeluEpilogue : Epilogue {
+  static constexpr bool kColumnSums = false;
+  const uint32_t* table;
+  uint16_t* act;
+  uint16_t* deriv;
+  MVF_LINEAR_INLINE void operator()(int64_t r, int64_t c, __m512 acc) const {
+    const __mmask16 m = lanes(c);
+    const __m512i entry = _mm512_mask_i32gather_epi32(_mm512_setzero_si512(), m, rounded(c, acc), table, 4);
+    _mm256_mask_storeu_epi16(act + r * N + c, m, _mm512_cvtepi32_epi16(entry));
+    _mm256_mask_storeu_epi16(deriv + r * N + c, m, _mm512_cvtepi32_epi16(_mm512_srli_epi32(entry, 16)));
+  }
+};
+
+// out (rows x N, float32) = residual + the rounded sums: add_bf16's residual, without storing them.
+struct ResidualEpilogue : Epilogue {
+  static constexpr bool kColumnSums = false;
+  const float* residual;
+  float* out;
+  MVF_LINEAR_INLINE void operator()(int64_t r, int64_t c, __m512 acc) const {
+    const __mmask16 m = lanes(c);
+    const __m512 y = _mm512_castsi512_ps(_mm512_slli_epi32(rounded(c, acc), 16));
+    _mm512_mask_storeu_ps(out + r * N + c, m, _mm512_add_ps(_mm512_maskz_loadu_ps(m, residual + r * N + c), y));
+  }
+};
+
+// MR rows from row r0 of A (K elements each; the pair k2 of row r at a + r * a_row + k2 * a_k, in
+// elements: a row-major matrix has a_row its row length and a_k 2) times columns [n0, n0 + 16 NV) of
+// packed (ceil(K / 2) rows of np words), then epi on each accumulator vector that starts below N.
+template <int MR, int NV, class Epi>
+MVF_LINEAR_INLINE void linear_tile(const uint16_t* __restrict a, int64_t a_row, int64_t a_k, int64_t K,
+                                   const uint32_t* __restrict packed, int64_t np, int64_t r0, int64_t n0,
+                                   const Epi& epi) {
+  __m512 acc[MR][NV];
+  for (int r = 0; r < MR; ++r)
+    for (int v = 0; v < NV; ++v) acc[r][v] = _mm512_setzero_ps();
+  const uint16_t* ap = a + r0 * a_row;
+  const uint32_t* bp = packed + n0;
+  const int64_t K2 = K / 2;
+  for (int64_t k2 = 0; k2 < K2; ++k2, bp += np) {
+    __m512bh bv[NV];
+    for (int v = 0; v < NV; ++v) bv[v] = (__m512bh)_mm512_loadu_si512(bp + 16 * v);
+    for (int r = 0; r < MR; ++r) {
+      uint32_t pair;
+      std::memcpy(&pair, ap + r * a_row + k2 * a_k, sizeof pair);
+      const __m512bh av = (__m512bh)_mm512_set1_epi32(static_cast<int>(pair));
+      for (int v = 0; v < NV; ++v) acc[r][v] = _mm512_dpbf16_ps(acc[r][v], av, bv[v]);
+    }
+  }
+  if (K & 1) {  // the last element alone: its pair's high half is zero in packed, and in a here
+    __m512bh bv[NV];
+    for (int v = 0; v < NV; ++v) bv[v] = (__m512bh)_mm512_loadu_si512(bp + 16 * v);
+    for (int r = 0; r < MR; ++r) {
+      const __m512bh av = (__m512bh)_mm512_set1_epi32(static_cast<int>(ap[r * a_row + K2 * a_k]));
+      for (int v = 0; v < NV; ++v) acc[r][v] = _mm512_dpbf16_ps(acc[r][v], av, bv[v]);
+    }
+  }
+  for (int v = 0; v < NV; ++v) {
+    if (n0 + 16 * v >= epi.N) continue;
+    if constexpr (Epi::kColumnSums) {  // the epilogue's values summed over the tile's rows, then added once
+      __m512 sum = epi(r0, n0 + 16 * v, acc[0][v]);
+      for (int r = 1; r < MR; ++r) sum = _mm512_add_ps(sum, epi(r0 + r, n0 + 16 * v, acc[r][v]));
+      epi.add_column_sums(n0 + 16 * v, sum);
+    } else {
+      for (int r = 0; r < MR; ++r) epi(r0 + r, n0 + 16 * v, acc[r][v]);
+    }
+  }
+}
+
+template <int MR, class Epi>
+MVF_LINEAR_INLINE void linear_row_block(const uint16_t* a, int64_t a_row, int64_t a_k, int64_t K,
+                                        const uint32_t* packed, int64_t np, int64_t r0, const Epi& epi) {
+  int64_t n0 = 0;
+  for (; n0 + 32 <= np; n0 += 32) linear_tile<MR, 2>(a, a_row, a_k, K, packed, np, r0, n0, epi);
+  if (n0 < np) linear_tile<MR, 1>(a, a_row, a_k, K, packed, np, r0, n0, epi);
+}
+
+// Rows [r0, r1): blocks of 6 rows, each across all the columns (packed stays in L2, a block's rows
+// in L1).
+template <class Epi>
+MVF_LINEAR_TARGET void linear_rows(const uint16_t* a, int64_t a_row, int64_t a_k, int64_t K, const uint32_t* packed,
+                                   int64_t np, int64_t r0, int64_t r1, const Epi& epi) {
+  int64_t r = r0;
+  for (; r + 6 <= r1; r += 6) linear_row_block<6>(a, a_row, a_k, K, packed, np, r, epi);
+  switch (r1 - r) {
+    case 5: linear_row_block<5>(a, a_row, a_k, K, packed, np, r, epi); break;
+    case 4: linear_row_block<4>(a, a_row, a_k, K, packed, np, r, epi); break;
+    case 3: linear_row_block<3>(a, a_row, a_k, K, packed, np, r, epi); break;
+    case 2: linear_row_block<2>(a, a_row, a_k, K, packed, np, r, epi); break;
+    case 1: linear_row_block<1>(a, a_row, a_k, K, packed, np, r, epi); break;
+    default: break;
+  }
+}
+
+// Rows [2 k2, 2 k2 + 2) of wb (R x N bfloat16) as one row of pairs in packed (np words): word n =
+// wb[2 k2][n] | wb[2 k2 + 1][n] << 16, zero for n >= N and for a row R.
+MVF_LINEAR_TARGET void pack_row_pair(const uint16_t* wb, int64_t R, int64_t N, int64_t np, int64_t k2,
+                                     uint32_t* packed) {
+  const uint16_t* lo = wb + 2 * k2 * N;
+  const uint16_t* hi = 2 * k2 + 1 < R ? lo + N : nullptr;
+  uint32_t* dst = packed + k2 * np;
+  for (int64_t n = 0; n < np; n += 16) {
+    const __mmask16 m = first_lanes(N - n);
+    __m512i w = _mm512_cvtepu16_epi32(_mm256_maskz_loadu_epi16(m, lo + n));
+    if (hi) w = _mm512_or_si512(w, _mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_maskz_loadu_epi16(m, hi + n)), 16));
+    _mm512_storeu_si512(dst + n, w);
+  }
+}
+
+// dact (bfloat16, rounded as autocast's mm) times gelu'(pre) (deriv: float16, times 2^14), rounded:
+// dpre, as gelu_bf16_backward; the unrounded products' column sums go into this thread's partial.
+struct GeluBackwardEpilogue {
+  static constexpr bool kColumnSums = true;
+  int64_t N;
+  const uint16_t* deriv;
+  uint16_t* dpre;
+  float* partial;
+  MVF_LINEAR_INLINE __m512 operator()(int64_t r, int64_t c, __m512 acc) const {
+    const __mmask16 m = first_lanes(N - c);
+    const __m512 dact = _mm512_castsi512_ps(_mm512_slli_epi32(round_bf16x16(acc), 16));
+    const __m512 g = _mm512_cvtph_ps(_mm256_maskz_loadu_epi16(m, deriv + r * N + c));
+    const __m512 v = _mm512_mul_ps(dact, _mm512_mul_ps(g, _mm512_set1_ps(1.0f / kGeluScale)));
+    store_bf16x16(m, dpre + r * N + c, v);
+    return v;  // zero in the lanes past N (deriv loaded as zero there)
+  }
+  MVF_LINEAR_INLINE void add_column_sums(int64_t c, __m512 sum) const {
+    _mm512_storeu_ps(partial + c, _mm512_add_ps(_mm512_loadu_ps(partial + c), sum));
+  }
+};
+
+// A weight gradient's tiles over one chunk of the rows' pairs: the first chunk stores its sums in dw
+// (N x K float32), later ones add to them, the last rounds the total to bfloat16 (autocast's mm
+// output, then .float()).
+struct WeightGradEpilogue {
+  static constexpr bool kColumnSums = false;
+  int64_t N;  // dw's columns (the input features); the tile's "N"
+  float* dw;
+  bool first, last;
+  MVF_LINEAR_INLINE void operator()(int64_t r, int64_t c, __m512 acc) const {
+    const __mmask16 m = first_lanes(N - c);
+    float* p = dw + r * N + c;
+    if (!first) acc = _mm512_add_ps(acc, _mm512_maskz_loadu_ps(m, p));
+    if (last) acc = _mm512_castsi512_ps(_mm512_slli_epi32(round_bf16x16(acc), 16));
+    _mm512_mask_storeu_ps(p, m, acc);
+  }
+};
+
+// out (rows x N, bfloat16) = the rounded sums, no bias.
+struct StoreNoBias {
+  static constexpr bool kColumnSums = false;
+  int64_t N;
+  uint16_t* out;
+  MVF_LINEAR_INLINE void operator()(int64_t r, int64_t c, __m512 acc) const {
+    _mm256_mask_storeu_epi16(out + r * N + c, first_lanes(N - c), _mm512_cvtepi32_epi16(round_bf16x16(acc)));
+  }
+};
+#endif  // MVF_HAVE_BF16_DOT
+
 }  // namespace
 
 void colsum_bf16_cpu(const uint16_t* g, float* colsum, int64_t rows, int64_t cols, int threads) {
@@ -353,6 +586,137 @@ void layer_norm_bf16_backward_cpu(const uint16_t* dy, const float* x, const floa
   });
   std::copy(sums.begin(), sums.begin() + dim, dgamma);
   std::copy(sums.begin() + dim, sums.end(), dbeta);
+}
+
+bool linear_bf16_supported() {
+#if defined(MVF_AUTOCAST_AVX512) && MVF_HAVE_BF16_DOT
+  return bf16_dot_supported();
+#else
+  return false;
+#endif
+}
+
+void linear_bf16_cpu(const uint16_t* a, const float* w, const float* b, uint16_t* wb, int64_t rows, int64_t K,
+                     int64_t N, int epilogue, void* out, uint16_t* deriv, const float* residual, int threads) {
+#if defined(MVF_AUTOCAST_AVX512) && MVF_HAVE_BF16_DOT
+  if (!linear_bf16_supported() || N <= 0 || K <= 0) return;
+  const int64_t np = pad_vec(N), K2 = (K + 1) / 2;
+  thread_local std::vector<uint32_t> packed;
+  thread_local std::vector<float> bias;
+  if (static_cast<int64_t>(packed.size()) < K2 * np) packed.resize(static_cast<size_t>(K2 * np));
+  bias.assign(static_cast<size_t>(np), 0.0f);
+  for (int64_t j = 0; j < N; ++j) bias[j] = bf16_to_float(float_to_bf16(b[j]));
+  uint32_t* pk = packed.data();
+  parallel_for(np / 16, 4, threads, [&](int64_t c0, int64_t c1) {
+    for (int64_t c = c0; c < c1; ++c) pack_weight_block(w, N, K, np, 16 * c, wb, pk);
+  });
+  if (rows <= 0) return;
+  const auto run = [&](const auto& epi) {
+    const int64_t blocks = (rows + 5) / 6;
+    // At least ~64k multiply-adds of a block per thread's share before splitting.
+    const int64_t grain = std::max<int64_t>(1, 65536 / std::max<int64_t>(1, 6 * K * np));
+    parallel_for(blocks, grain, threads, [&](int64_t b0, int64_t b1) {
+      linear_rows(a, K, 2, K, pk, np, 6 * b0, std::min(rows, 6 * b1), epi);
+    });
+  };
+  if (epilogue == 1) {
+    GeluEpilogue epi;
+    epi.bias = bias.data(), epi.N = N, epi.table = gelu_table(), epi.act = static_cast<uint16_t*>(out),
+    epi.deriv = deriv;
+    run(epi);
+  } else if (epilogue == 2) {
+    ResidualEpilogue epi;
+    epi.bias = bias.data(), epi.N = N, epi.residual = residual, epi.out = static_cast<float*>(out);
+    run(epi);
+  } else {
+    StoreEpilogue epi;
+    epi.bias = bias.data(), epi.N = N, epi.out = static_cast<uint16_t*>(out);
+    run(epi);
+  }
+#else
+  (void)a, (void)w, (void)b, (void)wb, (void)rows, (void)K, (void)N, (void)epilogue, (void)out, (void)deriv,
+      (void)residual, (void)threads;
+#endif
+}
+
+void linear_bf16_backward_input_cpu(const uint16_t* g, const uint16_t* wb, int64_t rows, int64_t N, int64_t K,
+                                    uint16_t* out, bool gelu, const uint16_t* deriv, float* colsum, int threads) {
+#if defined(MVF_AUTOCAST_AVX512) && MVF_HAVE_BF16_DOT
+  if (!linear_bf16_supported() || K <= 0) return;
+  const int64_t np = pad_vec(K), N2 = (N + 1) / 2;
+  thread_local std::vector<uint32_t> packed;
+  if (static_cast<int64_t>(packed.size()) < N2 * np) packed.resize(static_cast<size_t>(N2 * np));
+  uint32_t* pk = packed.data();
+  parallel_for(N2, 16, threads, [&](int64_t k0, int64_t k1) {
+    for (int64_t k2 = k0; k2 < k1; ++k2) pack_row_pair(wb, N, K, np, k2, pk);
+  });
+  const int64_t blocks = (rows + 5) / 6;
+  const int64_t grain = std::max<int64_t>(1, 65536 / std::max<int64_t>(1, 6 * std::max<int64_t>(N, 1) * np));
+  if (!gelu) {
+    if (rows <= 0) return;
+    StoreNoBias epi{K, out};
+    parallel_for(blocks, grain, threads, [&](int64_t b0, int64_t b1) {
+      linear_rows(g, N, 2, N, pk, np, 6 * b0, std::min(rows, 6 * b1), epi);
+    });
+    return;
+  }
+  // With GELU's backward: one partial column sum per contiguous range of row blocks, added in order.
+  const int64_t slots = std::max<int64_t>(1, std::min<int64_t>(threads, blocks / std::max<int64_t>(1, grain)));
+  std::vector<float> partial(static_cast<size_t>(slots * np), 0.0f);
+  if (rows > 0) {
+    parallel_for(slots, 1, threads, [&](int64_t s0, int64_t s1) {
+      for (int64_t s = s0; s < s1; ++s) {
+        GeluBackwardEpilogue epi{K, deriv, out, partial.data() + s * np};
+        linear_rows(g, N, 2, N, pk, np, 6 * (blocks * s / slots), std::min(rows, 6 * (blocks * (s + 1) / slots)),
+                    epi);
+      }
+    });
+  }
+  for (int64_t j = 0; j < K; ++j) colsum[j] = partial[j];
+  for (int64_t s = 1; s < slots; ++s)
+    for (int64_t j = 0; j < K; ++j) colsum[j] += partial[s * np + j];
+#else
+  (void)g, (void)wb, (void)rows, (void)N, (void)K, (void)out, (void)gelu, (void)deriv, (void)colsum, (void)threads;
+#endif
+}
+
+void linear_bf16_backward_weight_cpu(const uint16_t* g, const uint16_t* x, int64_t rows, int64_t N, int64_t K,
+                                     float* dw, int threads) {
+#if defined(MVF_AUTOCAST_AVX512) && MVF_HAVE_BF16_DOT
+  if (!linear_bf16_supported() || N <= 0 || K <= 0) return;
+  if (rows <= 0) {
+    std::fill(dw, dw + N * K, 0.0f);
+    return;
+  }
+  // Both operands as pairs of rows (pack_row_pair): the reduction runs over the rows. dw's row n at
+  // pair m is then word n of gp's row m: A with a_row 2 elements, a_k one padded gp row.
+  const int64_t M2 = (rows + 1) / 2, np = pad_vec(K), npg = pad_vec(N);
+  thread_local std::vector<uint32_t> gp_buf, xp_buf;
+  if (static_cast<int64_t>(gp_buf.size()) < M2 * npg) gp_buf.resize(static_cast<size_t>(M2 * npg));
+  if (static_cast<int64_t>(xp_buf.size()) < M2 * np) xp_buf.resize(static_cast<size_t>(M2 * np));
+  uint32_t* gp = gp_buf.data();
+  uint32_t* xp = xp_buf.data();
+  parallel_for(M2, 32, threads, [&](int64_t m0, int64_t m1) {
+    for (int64_t m = m0; m < m1; ++m) {
+      pack_row_pair(g, rows, N, npg, m, gp);
+      pack_row_pair(x, rows, K, np, m, xp);
+    }
+  });
+  // Chunks of the pairs whose slice of xp stays in L2 (~384 KiB) while every row block of dw passes
+  // over it; each thread owns a contiguous range of dw's row blocks through all the chunks.
+  const int64_t chunk = std::max<int64_t>(16, (96 * 1024) / np);
+  const int64_t blocks = (N + 5) / 6;
+  const uint16_t* a = reinterpret_cast<const uint16_t*>(gp);
+  parallel_for(blocks, 1, threads, [&](int64_t b0, int64_t b1) {
+    for (int64_t c0 = 0; c0 < M2; c0 += chunk) {
+      const int64_t c1 = std::min(M2, c0 + chunk);
+      WeightGradEpilogue epi{K, dw, c0 == 0, c1 == M2};
+      linear_rows(a + 2 * c0 * npg, 2, 2 * npg, 2 * (c1 - c0), xp + c0 * np, np, 6 * b0, std::min(N, 6 * b1), epi);
+    }
+  });
+#else
+  (void)g, (void)x, (void)rows, (void)N, (void)K, (void)dw, (void)threads;
+#endif
 }
 
 }  // namespace mvmae_fast

@@ -3,9 +3,16 @@
 Under ``torch.autocast("cpu", dtype=torch.bfloat16)`` the reference computes LayerNorm in float32,
 casts its output to bfloat16 for the linear, runs the linears in bfloat16 (oneDNN's AMX / AVX512-BF16
 GEMMs, which no float32 kernel matches), GELU in bfloat16, and adds the bfloat16 MLP output to the
-float32 residual. These functions run the same linears (``torch.addmm`` / ``torch.mm`` on the same
-bfloat16 operands, so the GEMMs are the reference's) and do the rest in the extension's kernels
-(csrc/cpu/autocast.cpp):
+float32 residual. These functions run the same linears on the same bfloat16 operands and do the rest
+in the extension's kernels (csrc/cpu/autocast.cpp). On a CPU with AVX512-BF16 (AMD Zen 4, Intel Cooper
+Lake, Sapphire Rapids and later) the linears are the extension's own GEMMs on ``vdpbf16ps``
+(``linear_bf16_*``: the weight cast to bfloat16 and packed in one pass, autocast's single rounding of
+product + bias, the float32 sums in their own order, so ~1e-4 of the outputs differ from oneDNN's in the
+last bit), with the work around them in their epilogues: fc1's bias and GELU (act and gelu' straight from
+the accumulators, no ``pre`` tensor), fc2's and the projection's residual add, fc2's input gradient
+times gelu' with fc1's bias gradient, and the weight gradients' rounding and float32 cast. Elsewhere
+(or with ``MVMAE_FAST_CPU_ISA=avx512`` or lower) they are ``torch.addmm`` / ``torch.mm``, oneDNN's, as
+autocast's, and separate passes do the rest:
 
 - LayerNorm writes its output in bfloat16 directly (no float32 tensor, no cast pass);
 - GELU's forward also writes gelu'(pre) (float16, scaled by 2^14), kept instead of ``pre``: the
@@ -21,7 +28,8 @@ bfloat16 operands, so the GEMMs are the reference's) and do the rest in the exte
 Differences from autocast's numbers: LayerNorm's statistics are summed in another order; the bias
 gradients are float32 sums of the float32 products (autocast rounds them to bfloat16); gelu'(pre)
 carries float16's rounding (2^-11 relative) before the product's bfloat16 rounding (2^-8). Weight
-gradients are bfloat16 GEMM results, as autocast's.
+gradients are bfloat16 GEMM results, as autocast's; the own GEMMs' sums run in another order than
+oneDNN's (within one bfloat16 ulp, tests/test_linear_bf16.py).
 
 CUDA: the same Functions run under ``torch.autocast("cuda")`` in bfloat16 or float16 with the
 elementwise work in Triton (autocast_triton.py) and the Triton attention, cuBLAS for the GEMMs. They
@@ -32,7 +40,8 @@ residual gradients' accumulation adds. They are tested under the Triton interpre
 (tests/test_autocast_triton.py, tests/test_autocast_triton_layers.py; the latter's CUDA cases run on a
 GPU), but their speed has not been measured on one yet, so they are opt-in: set ``MVMAE_FAST_CUDA_AUTOCAST_LAYERS=1`` (benchmarks/cuda_step.py compares both).
 
-The forward is autocast's bits on the CPU (tested). Eager only: :func:`supported` is False while
+The forward is autocast's bits on the CPU with oneDNN's GEMMs (tested), and as close as the sums'
+order allows with the own ones. Eager only: :func:`supported` is False while
 ``torch.compile`` traces (inductor fuses the same elementwise work itself) or any other tracer,
 transform or dispatch mode is active, and for anything but float32 tensors under their device's
 autocast as above. The backward is once-differentiable (double backward raises).
@@ -188,6 +197,55 @@ class _CpuKernels:
         return dpre, db
 
     @staticmethod
+    def linear_supported():
+        """Whether linear() runs here (AVX512-BF16, csrc/cpu/autocast.cpp); else the layers call addmm."""
+        return _ext._C.linear_bf16_supported()
+
+    @staticmethod
+    def linear(a, w, b, epilogue, residual=None):
+        """addmm(b.bfloat16(), a, w.bfloat16().t()) as autocast computes it, then an epilogue, in one
+        kernel: a (rows, K) contiguous bfloat16, w (N, K) and b (N) float32. Returns (w as bfloat16 for the
+        backward, *outputs): epilogue "store" -> y (bfloat16); "gelu" -> gelu(y) (bfloat16), gelu'(y) *
+        2^14 (float16), as gelu_forward; "residual" -> residual + y (float32, residual (rows, N))."""
+        rows, K = a.shape
+        N = w.shape[0]
+        w, b = w.contiguous(), b.contiguous()
+        wb = _new((N, K), _ACT_DTYPE)
+        outs = [_new((rows, N), torch.float32 if epilogue == "residual" else _ACT_DTYPE)]
+        if epilogue == "gelu":
+            outs.append(_new((rows, N), torch.float16))
+        code = {"store": 0, "gelu": 1, "residual": 2}[epilogue]
+        _ext._C.linear_bf16_cpu(a.data_ptr(), w.data_ptr(), b.data_ptr(), wb.data_ptr(), rows, K, N, code,
+                                outs[0].data_ptr(), outs[1].data_ptr() if epilogue == "gelu" else 0,
+                                residual.data_ptr() if epilogue == "residual" else 0, torch.get_num_threads())
+        return (wb, *outs)
+
+    @staticmethod
+    def linear_backward_input(g, wb, role, deriv=None):
+        """mm(g, wb) as autocast computes it (a linear's input gradient; g (rows, N) and wb (N, K)
+        contiguous bfloat16) into the workspace buffer `role`; with deriv (gelu_forward's), GELU's
+        backward on it in the same kernel, as gelu_backward: returns (dpre, its column sums)."""
+        rows, N = g.shape
+        K = wb.shape[1]
+        out = _workspace.get(role, (rows, K), _ACT_DTYPE)
+        colsum = None if deriv is None else _new((K,))
+        _ext._C.linear_bf16_backward_input_cpu(g.data_ptr(), wb.data_ptr(), rows, N, K, out.data_ptr(),
+                                               deriv is not None, 0 if deriv is None else deriv.data_ptr(),
+                                               0 if colsum is None else colsum.data_ptr(), torch.get_num_threads())
+        return out if deriv is None else (out, colsum)
+
+    @staticmethod
+    def linear_backward_weight(g, x):
+        """mm(g.t(), x).float() as autocast computes it (a linear's weight gradient, bfloat16 rounded):
+        g (rows, N) and x (rows, K) contiguous bfloat16 -> (N, K) float32."""
+        rows, N = g.shape
+        K = x.shape[1]
+        dw = _new((N, K))
+        _ext._C.linear_bf16_backward_weight_cpu(g.data_ptr(), x.data_ptr(), rows, N, K, dw.data_ptr(),
+                                                torch.get_num_threads())
+        return dw
+
+    @staticmethod
     def attention_forward(qkv, num_heads):
         return _attention_kernel_forward("cpp", qkv, num_heads)
 
@@ -262,6 +320,13 @@ def _kernels(device):
     return ks
 
 
+def _own_linears(k, *biases):
+    """Whether the linears run on k.linear / k.linear_backward_input (the CPU kernels on AVX512-BF16,
+    every bias given; a bias-free linear keeps addmm) instead of addmm / mm and separate passes."""
+    return getattr(k, "linear_supported", None) is not None and k.linear_supported() and \
+        all(b is not None for b in biases)
+
+
 class _PrenormMlp(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, norm_weight, norm_bias, eps, w1, b1, w2, b2):
@@ -271,15 +336,21 @@ class _PrenormMlp(torch.autograd.Function):
         x2d = x.reshape(-1, shape[-1]).contiguous()
         norm_weight, norm_bias = norm_weight.contiguous(), norm_bias.contiguous()
         h, mean, rstd = k.layer_norm(x2d, norm_weight, norm_bias, eps)
-        w1b, w2b = w1.to(act_dtype), w2.to(act_dtype)
-        rows, hidden = x2d.shape[0], w1.shape[0]
-        pre = torch.addmm(b1.to(act_dtype), h, w1b.t(),
-                          out=k.workspace("hidden", (rows, hidden), act_dtype, x2d.device))
-        act, deriv = k.gelu_forward(pre)
-        out = torch.addmm(b2.to(act_dtype), act, w2b.t(), out=k.workspace("rows", x2d.shape, act_dtype, x2d.device))
+        if _own_linears(k, b1, b2):
+            w1b, act, deriv = k.linear(h, w1, b1, "gelu")
+            w2b, y = k.linear(act, w2, b2, "residual", residual=x2d)
+        else:
+            w1b, w2b = w1.to(act_dtype), w2.to(act_dtype)
+            rows, hidden = x2d.shape[0], w1.shape[0]
+            pre = torch.addmm(b1.to(act_dtype), h, w1b.t(),
+                              out=k.workspace("hidden", (rows, hidden), act_dtype, x2d.device))
+            act, deriv = k.gelu_forward(pre)
+            out = torch.addmm(b2.to(act_dtype), act, w2b.t(),
+                              out=k.workspace("rows", x2d.shape, act_dtype, x2d.device))
+            y = k.residual(x2d, out)
         ctx.save_for_backward(x2d, mean, rstd, norm_weight, h, w1b, act, deriv, w2b)
         ctx.shape, ctx.kernels = shape, k
-        return k.residual(x2d, out).view(shape)
+        return y.view(shape)
 
     @staticmethod
     @torch.autograd.function.once_differentiable
@@ -290,11 +361,18 @@ class _PrenormMlp(torch.autograd.Function):
         hidden = w1b.shape[0]
         grad = grad.reshape(rows, dim).contiguous()
         gb, db2 = k.cast_colsum(grad)
-        dact = torch.mm(gb, w2b, out=k.workspace("hidden", (rows, hidden), k.act_dtype, x2d.device))
-        dw2 = torch.mm(gb.t(), act).float()
-        dpre, db1 = k.gelu_backward(dact, deriv)
-        dh = torch.mm(dpre, w1b, out=k.workspace("rows", (rows, dim), k.act_dtype, x2d.device))
-        dw1 = torch.mm(dpre.t(), h).float()
+        own = _own_linears(k)
+        if own:
+            dpre, db1 = k.linear_backward_input(gb, w2b, "hidden2", deriv)
+        else:
+            dact = torch.mm(gb, w2b, out=k.workspace("hidden", (rows, hidden), k.act_dtype, x2d.device))
+        dw2 = k.linear_backward_weight(gb, act) if own else torch.mm(gb.t(), act).float()
+        if own:  # gb's buffer ("rows") is free from here
+            dh = k.linear_backward_input(dpre, w1b, "rows")
+        else:
+            dpre, db1 = k.gelu_backward(dact, deriv)
+            dh = torch.mm(dpre, w1b, out=k.workspace("rows", (rows, dim), k.act_dtype, x2d.device))
+        dw1 = k.linear_backward_weight(dpre, h) if own else torch.mm(dpre.t(), h).float()
         dx, dnw, dnb = k.layer_norm_backward(dh, x2d, mean, rstd, norm_weight, grad)
         return dx.view(ctx.shape), dnw, dnb, None, dw1, db1, dw2, db2
 
@@ -306,8 +384,11 @@ class _PrenormLinear(torch.autograd.Function):
         x2d = x.reshape(-1, x.shape[-1]).contiguous()
         norm_weight, norm_bias = norm_weight.contiguous(), norm_bias.contiguous()
         h, mean, rstd = k.layer_norm(x2d, norm_weight, norm_bias, eps)
-        wb = w.to(k.act_dtype)
-        out = torch.addmm(b.to(k.act_dtype), h, wb.t())
+        if _own_linears(k, b):
+            wb, out = k.linear(h, w, b, "store")
+        else:
+            wb = w.to(k.act_dtype)
+            out = torch.addmm(b.to(k.act_dtype), h, wb.t())
         ctx.save_for_backward(x2d, mean, rstd, norm_weight, h, wb)
         ctx.shape, ctx.kernels = x.shape, k
         return out.view(*x.shape[:-1], w.shape[0])
@@ -318,8 +399,12 @@ class _PrenormLinear(torch.autograd.Function):
         x2d, mean, rstd, norm_weight, h, wb = ctx.saved_tensors
         k = ctx.kernels
         grad = grad.reshape(-1, wb.shape[0]).to(k.act_dtype).contiguous()
-        dh = torch.mm(grad, wb, out=k.workspace("rows", x2d.shape, k.act_dtype, x2d.device))
-        dw = torch.mm(grad.t(), h).float()
+        if _own_linears(k):
+            dh = k.linear_backward_input(grad, wb, "rows")
+            dw = k.linear_backward_weight(grad, h)
+        else:
+            dh = torch.mm(grad, wb, out=k.workspace("rows", x2d.shape, k.act_dtype, x2d.device))
+            dw = torch.mm(grad.t(), h).float()
         db = k.colsum(grad)
         dx, dnw, dnb = k.layer_norm_backward(dh, x2d, mean, rstd, norm_weight, None)
         return dx.view(ctx.shape), dnw, dnb, None, dw, db
@@ -339,14 +424,23 @@ class _AttentionHalf(torch.autograd.Function):
         x2d = x.reshape(rows, D).contiguous()
         norm_weight, norm_bias = norm_weight.contiguous(), norm_bias.contiguous()
         h, mean, rstd = k.layer_norm(x2d, norm_weight, norm_bias, eps)
-        w_qkv_b, w_proj_b = w_qkv.to(act_dtype), w_proj.to(act_dtype)
-        qkv = torch.addmm(b_qkv.to(act_dtype), h, w_qkv_b.t()).view(B, N, 3 * D)
+        own = _own_linears(k, b_qkv, b_proj)
+        if own:
+            w_qkv_b, qkv = k.linear(h, w_qkv, b_qkv, "store")
+            qkv = qkv.view(B, N, 3 * D)
+        else:
+            w_qkv_b, w_proj_b = w_qkv.to(act_dtype), w_proj.to(act_dtype)
+            qkv = torch.addmm(b_qkv.to(act_dtype), h, w_qkv_b.t()).view(B, N, 3 * D)
         attended, lse = k.attention_forward(qkv, num_heads)
-        out = torch.addmm(b_proj.to(act_dtype), attended.view(rows, D), w_proj_b.t(),
-                          out=k.workspace("rows", (rows, D), act_dtype, x2d.device))
+        if own:
+            w_proj_b, y = k.linear(attended.view(rows, D), w_proj, b_proj, "residual", residual=x2d)
+        else:
+            out = torch.addmm(b_proj.to(act_dtype), attended.view(rows, D), w_proj_b.t(),
+                              out=k.workspace("rows", (rows, D), act_dtype, x2d.device))
+            y = k.residual(x2d, out)
         ctx.save_for_backward(x2d, mean, rstd, norm_weight, h, w_qkv_b, qkv, attended, lse, w_proj_b)
         ctx.num_heads, ctx.kernels = num_heads, k
-        return k.residual(x2d, out).view(B, N, D)
+        return y.view(B, N, D)
 
     @staticmethod
     @torch.autograd.function.once_differentiable
@@ -357,12 +451,22 @@ class _AttentionHalf(torch.autograd.Function):
         rows = B * N
         grad = grad.reshape(rows, D).contiguous()
         gb, db_proj = k.cast_colsum(grad)
-        d_attended = torch.mm(gb, w_proj_b, out=k.workspace("rows2", (rows, D), k.act_dtype, x2d.device))
-        dw_proj = torch.mm(gb.t(), attended.view(rows, D)).float()
+        own = _own_linears(k)
+        if own:
+            d_attended = k.linear_backward_input(gb, w_proj_b, "rows2")
+        else:
+            d_attended = torch.mm(gb, w_proj_b, out=k.workspace("rows2", (rows, D), k.act_dtype, x2d.device))
+        if own:
+            dw_proj = k.linear_backward_weight(gb, attended.view(rows, D))
+        else:
+            dw_proj = torch.mm(gb.t(), attended.view(rows, D)).float()
         dqkv = k.attention_backward(d_attended.view(B, N, D), qkv, attended, lse, ctx.num_heads).view(rows, 3 * D)
         db_qkv = k.colsum(dqkv)
-        dh = torch.mm(dqkv, w_qkv_b, out=k.workspace("rows", (rows, D), k.act_dtype, x2d.device))
-        dw_qkv = torch.mm(dqkv.t(), h).float()
+        if own:
+            dh = k.linear_backward_input(dqkv, w_qkv_b, "rows")
+        else:
+            dh = torch.mm(dqkv, w_qkv_b, out=k.workspace("rows", (rows, D), k.act_dtype, x2d.device))
+        dw_qkv = k.linear_backward_weight(dqkv, h) if own else torch.mm(dqkv.t(), h).float()
         dx, dnw, dnb = k.layer_norm_backward(dh, x2d, mean, rstd, norm_weight, grad)
         return dx.view(B, N, D), dnw, dnb, None, dw_qkv, db_qkv, dw_proj, db_proj, None
 
