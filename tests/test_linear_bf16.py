@@ -132,6 +132,22 @@ def test_forward_gelu_and_residual_epilogues(shape):
     assert out.dtype == torch.float32 and torch.equal(out, residual + y.float())
 
 
+def test_gelu_epilogue_every_bfloat16():
+    """The GELU epilogue on every bfloat16 pattern (the product is zero, so y is the bias), zeros,
+    subnormals, infinities and NaN included, against gelu_bf16_forward on the stored y, bit for bit."""
+    patterns = torch.arange(-32768, 32768, dtype=torch.int32).to(torch.int16).view(torch.bfloat16)
+    b = patterns.float()
+    a, w = torch.zeros(3, 2, dtype=torch.bfloat16), torch.zeros(b.numel(), 2)
+    y, _, _ = forward(a, w, b, 0)
+    expected = torch.where(b == 0, torch.zeros_like(b), b)  # y = b (0 + -0 = +0)
+    torch.testing.assert_close(y[0].float(), expected, rtol=0, atol=0, equal_nan=True)
+    act, _, deriv = forward(a, w, b, 1)
+    for row in range(3):
+        ref_act, ref_deriv = gelu_table_kernels(y[row].contiguous())
+        assert torch.equal(act[row].view(torch.int16), ref_act.view(torch.int16))
+        assert torch.equal(deriv[row].view(torch.int16), ref_deriv.view(torch.int16))
+
+
 @pytest.mark.parametrize("shape", SHAPES, ids=shape_id)
 def test_backward_input(shape):
     rows, K, N = shape  # forward's shape: the gradient g is (rows, N), wb (N, K)
