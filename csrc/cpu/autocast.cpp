@@ -689,31 +689,33 @@ void linear_bf16_backward_weight_cpu(const uint16_t* g, const uint16_t* x, int64
     return;
   }
   // Both operands as pairs of rows (pack_row_pair): the reduction runs over the rows. dw's row n at
-  // pair m is then word n of gp's row m: A with a_row 2 elements, a_k one padded gp row.
+  // pair m is then word n of gp's row m: A with a_row 2 elements, a_k one padded gp row. The pairs go
+  // in chunks whose packed rows of both (~512 KiB) stay in L2: each chunk is packed (in parallel) just
+  // before every row block of dw passes over it (each thread owning a contiguous range of dw's row
+  // blocks), so the packed copies never travel to memory and back.
   const int64_t M2 = (rows + 1) / 2, np = pad_vec(K), npg = pad_vec(N);
+  const int64_t chunk = std::min(M2, std::max<int64_t>(16, (128 * 1024) / (np + npg)));
   thread_local std::vector<uint32_t> gp_buf, xp_buf;
-  if (static_cast<int64_t>(gp_buf.size()) < M2 * npg) gp_buf.resize(static_cast<size_t>(M2 * npg));
-  if (static_cast<int64_t>(xp_buf.size()) < M2 * np) xp_buf.resize(static_cast<size_t>(M2 * np));
+  if (static_cast<int64_t>(gp_buf.size()) < chunk * npg) gp_buf.resize(static_cast<size_t>(chunk * npg));
+  if (static_cast<int64_t>(xp_buf.size()) < chunk * np) xp_buf.resize(static_cast<size_t>(chunk * np));
   uint32_t* gp = gp_buf.data();
   uint32_t* xp = xp_buf.data();
-  parallel_for(M2, 32, threads, [&](int64_t m0, int64_t m1) {
-    for (int64_t m = m0; m < m1; ++m) {
-      pack_row_pair(g, rows, N, npg, m, gp);
-      pack_row_pair(x, rows, K, np, m, xp);
-    }
-  });
-  // Chunks of the pairs whose slice of xp stays in L2 (~384 KiB) while every row block of dw passes
-  // over it; each thread owns a contiguous range of dw's row blocks through all the chunks.
-  const int64_t chunk = std::max<int64_t>(16, (96 * 1024) / np);
   const int64_t blocks = (N + 5) / 6;
   const uint16_t* a = reinterpret_cast<const uint16_t*>(gp);
-  parallel_for(blocks, 1, threads, [&](int64_t b0, int64_t b1) {
-    for (int64_t c0 = 0; c0 < M2; c0 += chunk) {
-      const int64_t c1 = std::min(M2, c0 + chunk);
-      WeightGradEpilogue epi{K, dw, c0 == 0, c1 == M2};
-      linear_rows(a + 2 * c0 * npg, 2, 2 * npg, 2 * (c1 - c0), xp + c0 * np, np, 6 * b0, std::min(N, 6 * b1), epi);
-    }
-  });
+  for (int64_t c0 = 0; c0 < M2; c0 += chunk) {
+    const int64_t c1 = std::min(M2, c0 + chunk);
+    // Row pairs c0.. of g and x (pack_row_pair's pair index m - c0 in the chunk buffers).
+    parallel_for(c1 - c0, 16, threads, [&](int64_t m0, int64_t m1) {
+      for (int64_t m = m0; m < m1; ++m) {
+        pack_row_pair(g + 2 * c0 * N, rows - 2 * c0, N, npg, m, gp);
+        pack_row_pair(x + 2 * c0 * K, rows - 2 * c0, K, np, m, xp);
+      }
+    });
+    WeightGradEpilogue epi{K, dw, c0 == 0, c1 == M2};
+    parallel_for(blocks, 1, threads, [&](int64_t b0, int64_t b1) {
+      linear_rows(a, 2, 2 * npg, 2 * (c1 - c0), xp, np, 6 * b0, std::min(N, 6 * b1), epi);
+    });
+  }
 #else
   (void)g, (void)x, (void)rows, (void)N, (void)K, (void)dw, (void)threads;
 #endif
