@@ -220,6 +220,8 @@ PYBIND11_MODULE(_C, m) {
         cast_bf16_colsum_cpu(ptr<const float>(g), ptr<uint16_t>(out), ptr<float>(colsum), rows, cols, threads);
       },
       py::arg("g"), py::arg("out"), py::arg("colsum"), py::arg("rows"), py::arg("cols"), py::arg("threads"));
+  m.def("linear_bf16_preferred", &linear_bf16_preferred,
+        "Whether the CPU autocast layers call linear_bf16_* by default (supported, and no AMX for oneDNN)");
   m.def("linear_bf16_supported", &linear_bf16_supported,
         "Whether linear_bf16_cpu runs here (AVX512-BF16, not capped by MVMAE_FAST_CPU_ISA)");
   m.def(

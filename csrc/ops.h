@@ -71,6 +71,8 @@ void gelu_bf16_backward_cpu(const uint16_t* dact, const uint16_t* deriv, uint16_
 // (bfloat16); 1: out = gelu(y) (bfloat16) and deriv = gelu'(y) * 2^14 (float16), as
 // gelu_bf16_forward; 2: out = residual + y (float32, rows x N).
 bool linear_bf16_supported();
+// Whether the layers should call them by default: supported and no AMX (whose oneDNN GEMMs are faster).
+bool linear_bf16_preferred();
 void linear_bf16_cpu(const uint16_t* a, const float* w, const float* b, uint16_t* wb, int64_t rows, int64_t K,
                      int64_t N, int epilogue, void* out, uint16_t* deriv, const float* residual, int threads);
 // Its input gradient: out (rows, K) = round_bf16(g wb), g (rows, N) and wb (N, K) bfloat16 (autocast's

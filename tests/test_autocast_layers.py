@@ -855,10 +855,9 @@ def test_generic_isa_variant():
 LINEAR_KERNELS = ("linear_bf16_cpu", "linear_bf16_backward_input_cpu", "linear_bf16_backward_weight_cpu")
 
 
-@pytest.mark.skipif(C is None or not C.linear_bf16_supported(), reason="no AVX512-BF16: the layers call addmm / mm")
-def test_own_linears_used(monkeypatch):
-    """On AVX512-BF16 every linear of the block (qkv, proj, fc1, fc2) and of prenorm_linear runs on the
-    extension's GEMMs, forward, input gradient and weight gradient: no aten mm / addmm in the step."""
+def linear_calls(monkeypatch):
+    """Runs a Block and prenorm_linear forward and backward under autocast; returns the number of calls
+    of each LINEAR_KERNELS function and the aten matrix products the profiler saw."""
     calls = {name: 0 for name in LINEAR_KERNELS}
     for name in LINEAR_KERNELS:
         def counted(*args, _f=getattr(C, name), _name=name):
@@ -873,9 +872,31 @@ def test_own_linears_used(monkeypatch):
         with autocast():
             out, lin = block(x), fused_linear(*leaves)
         (out.sum() + lin.float().sum()).backward()
-    assert calls == {name: 5 for name in LINEAR_KERNELS}, calls
     products = {e.key for e in prof.key_averages()} & {"aten::mm", "aten::addmm", "aten::matmul", "aten::linear"}
-    assert not products, products
+    return calls, products
+
+
+@pytest.mark.skipif(C is None or not C.linear_bf16_preferred(),
+                    reason="no AVX512-BF16, or AMX (oneDNN's GEMMs are faster): the layers call addmm / mm")
+def test_own_linears_used(monkeypatch):
+    """On AVX512-BF16 without AMX every linear of the block (qkv, proj, fc1, fc2) and of prenorm_linear
+    runs on the extension's GEMMs, forward, input gradient and weight gradient: no aten mm / addmm."""
+    monkeypatch.delenv("MVMAE_FAST_CPU_BF16_GEMM", raising=False)
+    calls, products = linear_calls(monkeypatch)
+    assert calls == {name: 5 for name in LINEAR_KERNELS} and not products, (calls, products)
+
+
+@pytest.mark.skipif(C is None or not C.linear_bf16_supported(), reason="no AVX512-BF16: the layers call addmm / mm")
+@pytest.mark.parametrize("choice", ["onednn", "own"])
+def test_bf16_gemm_choice(monkeypatch, choice):
+    """MVMAE_FAST_CPU_BF16_GEMM=onednn puts every linear back on aten's addmm / mm; =own takes the
+    extension's GEMMs even where the default would not (AMX)."""
+    monkeypatch.setenv("MVMAE_FAST_CPU_BF16_GEMM", choice)
+    calls, products = linear_calls(monkeypatch)
+    if choice == "onednn":
+        assert not any(calls.values()) and products == {"aten::mm", "aten::addmm"}, (calls, products)
+    else:
+        assert calls == {name: 5 for name in LINEAR_KERNELS} and not products, (calls, products)
 
 
 def test_addmm_path_under_avx512():

@@ -596,6 +596,8 @@ bool linear_bf16_supported() {
 #endif
 }
 
+bool linear_bf16_preferred() { return linear_bf16_supported() && !cpu_has_amx_bf16(); }
+
 void linear_bf16_cpu(const uint16_t* a, const float* w, const float* b, uint16_t* wb, int64_t rows, int64_t K,
                      int64_t N, int epilogue, void* out, uint16_t* deriv, const float* residual, int threads) {
 #if defined(MVF_AUTOCAST_AVX512) && MVF_HAVE_BF16_DOT

@@ -11,8 +11,9 @@ product + bias, the float32 sums in their own order, so ~1e-4 of the outputs dif
 last bit), with the work around them in their epilogues: fc1's bias and GELU (act and gelu' straight from
 the accumulators, no ``pre`` tensor), fc2's and the projection's residual add, fc2's input gradient
 times gelu' with fc1's bias gradient, and the weight gradients' rounding and float32 cast. Elsewhere
-(or with ``MVMAE_FAST_CPU_ISA=avx512`` or lower) they are ``torch.addmm`` / ``torch.mm``, oneDNN's, as
-autocast's, and separate passes do the rest:
+(no AVX512-BF16, ``MVMAE_FAST_CPU_ISA=avx512`` or lower, or AMX, whose oneDNN GEMMs are faster;
+``MVMAE_FAST_CPU_BF16_GEMM=onednn|own`` overrides the choice) they are ``torch.addmm`` / ``torch.mm``,
+oneDNN's, as autocast's, and separate passes do the rest:
 
 - LayerNorm writes its output in bfloat16 directly (no float32 tensor, no cast pass);
 - GELU's forward also writes gelu'(pre) (float16, scaled by 2^14), kept instead of ``pre``: the
@@ -62,6 +63,7 @@ from ..attention import _kernel_forward as _attention_kernel_forward
 _ACT_DTYPE = torch.bfloat16  # the CPU kernels'
 _CUDA_ACT_DTYPES = (torch.bfloat16, torch.float16)
 CUDA_LAYERS_ENV = "MVMAE_FAST_CUDA_AUTOCAST_LAYERS"
+BF16_GEMM_ENV = "MVMAE_FAST_CPU_BF16_GEMM"  # onednn | own; unset: own on AVX512-BF16 without AMX
 
 
 class _Workspace(threading.local):
@@ -198,8 +200,15 @@ class _CpuKernels:
 
     @staticmethod
     def linear_supported():
-        """Whether linear() runs here (AVX512-BF16, csrc/cpu/autocast.cpp); else the layers call addmm."""
-        return _ext._C.linear_bf16_supported()
+        """Whether the layers call linear() / linear_backward_*() (csrc/cpu/autocast.cpp) instead of addmm /
+        mm: by default where the CPU has AVX512-BF16 and no AMX (oneDNN's AMX GEMMs are faster);
+        BF16_GEMM_ENV=onednn forces addmm / mm, =own the extension's GEMMs wherever they run."""
+        choice = os.environ.get(BF16_GEMM_ENV, "").strip().lower()
+        if choice == "onednn":
+            return False
+        if choice == "own":
+            return _ext._C.linear_bf16_supported()
+        return _ext._C.linear_bf16_preferred()
 
     @staticmethod
     def linear(a, w, b, epilogue, residual=None):
