@@ -95,7 +95,7 @@ def backward_weight(g, x, threads=2):
 
 def operands(rows, K, N, seed=0):
     a = (torch.randn(rows, K, generator=gen(seed)) * 2).bfloat16()
-    w = torch.randn(N, K, generator=gen(seed + 1)) * K**-0.5
+    w = torch.randn(N, K, generator=gen(seed + 1)) * max(K, 1) ** -0.5
     b = torch.randn(N, generator=gen(seed + 2))
     return a, w, b
 
@@ -227,6 +227,21 @@ def test_nan_and_infinity_propagate():
     assert dx[4].isnan().all() and not dx[[3, 5]].isnan().any()
     dw = backward_weight(g, a)
     assert torch.equal(dw.isnan(), torch.mm(g.t(), a).float().isnan())
+
+
+def test_no_input_features():
+    """K = 0: every sum is empty, so y is the bias rounded to bfloat16 (as addmm), through each epilogue."""
+    a, w, b = operands(7, 0, 20)
+    y, wb, _ = forward(a, w, b, 0)
+    assert wb.shape == (20, 0) and torch.equal(y, torch.addmm(b.bfloat16(), a, w.bfloat16().t()))
+    assert torch.equal(y, b.bfloat16().expand(7, 20))
+    act, _, deriv = forward(a, w, b, 1)
+    ref_act, ref_deriv = gelu_table_kernels(y)
+    assert torch.equal(act, ref_act) and torch.equal(deriv, ref_deriv)
+    residual = torch.randn(7, 20, generator=gen(17))
+    assert torch.equal(forward(a, w, b, 2, residual)[0], residual + y.float())
+    dx, _ = backward_input(torch.randn(7, 20, generator=gen(18)).bfloat16(), wb)
+    assert dx.shape == (7, 0)
 
 
 def test_zero_rows():
