@@ -20,8 +20,10 @@ alone in a fresh process (as training would), N rounds of alternating processes,
 median of each process's median step.
 
 ``--breakdown`` then profiles a few more steps of each provider (torch.profiler) and splits the step
-into its matrix products (mm, addmm, bmm, baddbmm, convolution: the BLAS / oneDNN calls every provider
-makes for the same FLOPs) and the rest, and says what that means for the first provider's ratio: a
+into aten's matrix products (mm, addmm, bmm, baddbmm, convolution: the BLAS / oneDNN calls that run a
+provider's FLOPs unless the provider runs its own GEMMs, as mvmae_fast's float32 fused layers and,
+on AVX512-BF16 without AMX, its bf16 linears do) and the rest, and says what that means for the
+first provider's ratio: a
 provider that ran the same products at the same speed and nothing else would be at most
 step / products faster, and a target ratio leaves (step / target - products) ms for everything else.
 On a CPU whose products dominate the reference's step (bf16 on a 2-core AVX512-BF16 machine) that, not
@@ -101,8 +103,8 @@ def main():
             breakdown(steps, precision, args.target)
 
 
-# The matrix products: what every provider runs for the same FLOPs (oneDNN / BLAS on the CPU). Self
-# time, so a composite op (linear, matmul) counts through the product it calls.
+# aten's matrix products (oneDNN / BLAS on the CPU). Self time, so a composite op (linear, matmul)
+# counts through the product it calls.
 PRODUCT_OPS = ("aten::mm", "aten::addmm", "aten::bmm", "aten::baddbmm", "aten::mkldnn_convolution",
                "aten::convolution_backward", "aten::_mkldnn_linear_pointwise", "mkldnn::_linear_pointwise")
 
@@ -121,8 +123,9 @@ def products_ms(step, steps=3):
 
 def breakdown(steps, precision, target):
     """Prints each provider's step split into aten's matrix products and the rest (profiled, so a little
-    slower than the timed steps above), and the first provider's ceiling. mvmae_fast's float32 fused
-    layers (csrc/cpu/mlp.cpp) run their products themselves: under float32 they count as "rest"."""
+    slower than the timed steps above), and the first provider's ceiling. mvmae_fast's own GEMMs (the
+    float32 fused layers, csrc/cpu/mlp.cpp; the bf16 linears on AVX512-BF16, csrc/cpu/autocast.cpp)
+    count as "rest"."""
     rows = {p: products_ms(step) for p, step in steps.items()}
     base, (base_total, base_products) = next(iter(rows.items()))
     for provider, (total, products) in rows.items():
