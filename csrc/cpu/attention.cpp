@@ -263,7 +263,7 @@ MVF_BF16_TARGET void forward_head_dot(const void* qkv, void* out, float* lse, co
   float* mx = o + N * dp;                                   // np: per-query maximum of S^T / scale
   float* sum = mx + np;                                     // np
   const uint16_t* x = bf16_ptr(qkv);
-  word_columns(x, qkv_rows(s, b, 0, h), N, np, D2, qt);
+  word_columns(x, qkv_rows(s, b, 0, h), N, np, np, s.head_dim, qt);
   dot_gemm(x + qkv_row(s, b, 0, 1, h), s.row_stride, 2, qt, np, pt, np, N, D2, np, &ahead);  // k q^T
   softmax_columns(pt, N, np, s.scale, mx, sum);
   float_row_pairs(pt, N, np, pp);
@@ -310,8 +310,8 @@ MVF_BF16_TARGET void backward_head_dot(const void* grad_out, const void* qkv, co
       return v;
     });
   }
-  word_columns(x, qkv_rows(s, b, 0, h), N, np, D2, qt);
-  word_columns(go, packed, N, np, D2, got);
+  word_columns(x, qkv_rows(s, b, 0, h), N, np, np, s.head_dim, qt);
+  word_columns(go, packed, N, np, np, s.head_dim, got);
   dot_gemm(x + qkv_row(s, b, 0, 1, h), s.row_stride, 2, qt, np, pt, np, N, D2, np, &ahead);  // k q^T
   for (int64_t j = 0; j < N; ++j) {
     float* row = pt + j * np;

@@ -102,20 +102,22 @@ void gelu_backward_rows(const uint16_t* __restrict dact, const uint16_t* __restr
 #if defined(__GNUC__) && defined(__x86_64__) && defined(__linux__)
 #define MVF_AUTOCAST_AVX512 1
 #define MVF_AVX512_TARGET __attribute__((target("avx512f,avx512bw,avx512vl,avx512dq,fma,f16c")))
+// The helpers below need AVX-512 only, so both these kernels and the bf16_dot.h ones inline them.
+#define MVF_AVX512_HELPER inline __attribute__((always_inline, target("avx512f,avx512bw,avx512vl,avx512dq")))
 
 // The first n (<= 16) lanes.
-MVF_AVX512_TARGET inline __attribute__((always_inline)) __mmask16 first_lanes(int64_t n) {
+MVF_AVX512_HELPER __mmask16 first_lanes(int64_t n) {
   return static_cast<__mmask16>(n >= 16 ? 0xffffu : (1u << n) - 1u);
 }
 
 // 16 bfloat16 values (the masked lanes; the rest 0) as floats: a shift.
-MVF_AVX512_TARGET inline __attribute__((always_inline)) __m512 load_bf16x16(__mmask16 lanes, const uint16_t* p) {
+MVF_AVX512_HELPER __m512 load_bf16x16(__mmask16 lanes, const uint16_t* p) {
   return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_maskz_loadu_epi16(lanes, p)), 16));
 }
 
 // 16 floats rounded to bfloat16 (nearest even, NaN quieted, as float_to_bf16; vcvtneps2bf16 would flush
 // subnormals): the 16-bit patterns in the low halves of 32-bit lanes.
-MVF_AVX512_TARGET inline __attribute__((always_inline)) __m512i round_bf16x16(__m512 v) {
+MVF_AVX512_HELPER __m512i round_bf16x16(__m512 v) {
   const __m512i bits = _mm512_castps_si512(v);
   const __m512i lsb = _mm512_and_si512(_mm512_srli_epi32(bits, 16), _mm512_set1_epi32(1));
   const __m512i rounded =
@@ -125,7 +127,7 @@ MVF_AVX512_TARGET inline __attribute__((always_inline)) __m512i round_bf16x16(__
 }
 
 // 16 floats stored as bfloat16 (round_bf16x16) in the masked lanes.
-MVF_AVX512_TARGET inline __attribute__((always_inline)) void store_bf16x16(__mmask16 lanes, uint16_t* p, __m512 v) {
+MVF_AVX512_HELPER void store_bf16x16(__mmask16 lanes, uint16_t* p, __m512 v) {
   _mm256_mask_storeu_epi16(p, lanes, _mm512_cvtepi32_epi16(round_bf16x16(v)));
 }
 
@@ -309,43 +311,19 @@ void gelu_lookup_avx512(const uint32_t* __restrict table, const uint16_t* __rest
 // The linears' forward on AVX512-BF16 (linear_bf16_cpu below): a (rows x K, bfloat16) times w^T with
 // w (N x K) the float32 parameter, plus the bias, rounded to bfloat16 once, as autocast's addmm on
 // oneDNN does, and then the epilogue, while the tile is still in registers. The products are
-// bf16_dot.h's (6 rows x 32 columns of float32 accumulators over the pairs of K); the sums' order is
+// bf16_dot.h's dot_tile (6 rows x 32 columns of float32 accumulators over the pairs of K); the sums' order is
 // ours, so a result differs from oneDNN's in the last bfloat16 bit where a float32 sum lands on a
 // rounding boundary (~1e-4 of the outputs).
-#define MVF_LINEAR_TARGET __attribute__((target("avx512f,avx512bw,avx512vl,avx512dq,avx512bf16,fma,f16c")))
-#define MVF_LINEAR_INLINE \
-  inline __attribute__((always_inline, target("avx512f,avx512bw,avx512vl,avx512dq,avx512bf16,fma,f16c")))
-
 // Rows [n0, n0 + 16) of w (those below N) rounded to bfloat16 into wb, and their pairs along K
-// transposed into packed (ceil(K / 2) x np words): word (k2, n) = wb[n][2 k2] | wb[n][2 k2 + 1] << 16,
-// zero past K and for n >= N. 16 x 16 words at a time, transposed in registers.
-MVF_LINEAR_TARGET void pack_weight_block(const float* w, int64_t N, int64_t K, int64_t np, int64_t n0, uint16_t* wb,
-                                         uint32_t* packed) {
-  const int64_t rows = std::min<int64_t>(16, N - n0), K2 = (K + 1) / 2;
+// transposed into packed (ceil(K / 2) x np words, word_columns): word (k2, n) = wb[n][2 k2] |
+// wb[n][2 k2 + 1] << 16, zero past K and for n >= N.
+MVF_BF16_TARGET void pack_weight_block(const float* w, int64_t N, int64_t K, int64_t np, int64_t n0, uint16_t* wb,
+                                       uint32_t* packed) {
+  const int64_t rows = std::min<int64_t>(16, N - n0);
   for (int64_t n = n0; n < n0 + rows; ++n)
     for (int64_t k = 0; k < K; k += 16) store_bf16x16(first_lanes(K - k), wb + n * K + k,
                                                       _mm512_maskz_loadu_ps(first_lanes(K - k), w + n * K + k));
-  for (int64_t w0 = 0; w0 < K2; w0 += 16) {
-    const int64_t ww = std::min<int64_t>(16, K2 - w0);
-    vec16 r[16];
-    for (int64_t i = 0; i < 16; ++i) {
-      uint32_t words[16] = {};
-      if (i < rows) {
-        const uint16_t* row = wb + (n0 + i) * K;
-        if (2 * (w0 + ww) <= K) {
-          std::memcpy(words, row + 2 * w0, static_cast<size_t>(ww) * 4);
-        } else {
-          for (int64_t j = 0; j < ww; ++j) {
-            const int64_t k = 2 * (w0 + j);
-            words[j] = row[k] | (k + 1 < K ? static_cast<uint32_t>(row[k + 1]) << 16 : 0u);
-          }
-        }
-      }
-      std::memcpy(&r[i], words, sizeof words);
-    }
-    transpose16(r);  // shuffles only: the words' bits pass through unchanged
-    for (int64_t j = 0; j < ww; ++j) std::memcpy(packed + (w0 + j) * np + n0, &r[j], sizeof(vec16));
-  }
+  word_columns(wb, [n0, K](int64_t i) { return (n0 + i) * K; }, rows, 16, np, K, packed + n0);
 }
 
 // The epilogues: each gets one accumulator vector, output row r, columns [c, c + 16) (c < np; the
@@ -354,8 +332,8 @@ MVF_LINEAR_TARGET void pack_weight_block(const float* w, int64_t N, int64_t K, i
 struct Epilogue {
   const float* bias;
   int64_t N;
-  MVF_LINEAR_INLINE __mmask16 lanes(int64_t c) const { return first_lanes(N - c); }
-  MVF_LINEAR_INLINE __m512i rounded(int64_t c, __m512 acc) const {
+  MVF_BF16_INLINE __mmask16 lanes(int64_t c) const { return first_lanes(N - c); }
+  MVF_BF16_INLINE __m512i rounded(int64_t c, __m512 acc) const {
     return round_bf16x16(_mm512_add_ps(acc, _mm512_loadu_ps(bias + c)));
   }
 };
@@ -364,7 +342,7 @@ struct Epilogue {
 struct StoreEpilogue : Epilogue {
   static constexpr bool kColumnSums = false;
   uint16_t* out;
-  MVF_LINEAR_INLINE void operator()(int64_t r, int64_t c, __m512 acc) const {
+  MVF_BF16_INLINE void operator()(int64_t r, int64_t c, __m512 acc) const {
     _mm256_mask_storeu_epi16(out + r * N + c, lanes(c), _mm512_cvtepi32_epi16(rounded(c, acc)));
   }
 };
@@ -376,7 +354,7 @@ struct GeluEpilogue : Epilogue {
   const uint32_t* table;
   uint16_t* act;
   uint16_t* deriv;
-  MVF_LINEAR_INLINE void operator()(int64_t r, int64_t c, __m512 acc) const {
+  MVF_BF16_INLINE void operator()(int64_t r, int64_t c, __m512 acc) const {
     const __mmask16 m = lanes(c);
     const __m512i entry = _mm512_mask_i32gather_epi32(_mm512_setzero_si512(), m, rounded(c, acc), table, 4);
     _mm256_mask_storeu_epi16(act + r * N + c, m, _mm512_cvtepi32_epi16(entry));
@@ -389,68 +367,25 @@ struct ResidualEpilogue : Epilogue {
   static constexpr bool kColumnSums = false;
   const float* residual;
   float* out;
-  MVF_LINEAR_INLINE void operator()(int64_t r, int64_t c, __m512 acc) const {
+  MVF_BF16_INLINE void operator()(int64_t r, int64_t c, __m512 acc) const {
     const __mmask16 m = lanes(c);
     const __m512 y = _mm512_castsi512_ps(_mm512_slli_epi32(rounded(c, acc), 16));
     _mm512_mask_storeu_ps(out + r * N + c, m, _mm512_add_ps(_mm512_maskz_loadu_ps(m, residual + r * N + c), y));
   }
 };
 
-// MR rows from row r0 of A (K elements each; the pair k2 of row r at a + r * a_row + k2 * a_k, in
-// elements: a row-major matrix has a_row its row length and a_k 2) times columns [n0, n0 + 16 NV) of
-// packed (ceil(K / 2) rows of np words), then epi on each accumulator vector that starts below N.
-template <int MR, int NV, class Epi>
-MVF_LINEAR_INLINE void linear_tile(const uint16_t* __restrict a, int64_t a_row, int64_t a_k, int64_t K,
-                                   const uint32_t* __restrict packed, int64_t np, int64_t r0, int64_t n0,
-                                   const Epi& epi) {
-  __m512 acc[MR][NV];
-  for (int r = 0; r < MR; ++r)
-    for (int v = 0; v < NV; ++v) acc[r][v] = _mm512_setzero_ps();
-  const uint16_t* ap = a + r0 * a_row;
-  const uint32_t* bp = packed + n0;
-  const int64_t K2 = K / 2;
-  for (int64_t k2 = 0; k2 < K2; ++k2, bp += np) {
-    __m512bh bv[NV];
-    for (int v = 0; v < NV; ++v) bv[v] = (__m512bh)_mm512_loadu_si512(bp + 16 * v);
-    for (int r = 0; r < MR; ++r) {
-      uint32_t pair;
-      std::memcpy(&pair, ap + r * a_row + k2 * a_k, sizeof pair);
-      const __m512bh av = (__m512bh)_mm512_set1_epi32(static_cast<int>(pair));
-      for (int v = 0; v < NV; ++v) acc[r][v] = _mm512_dpbf16_ps(acc[r][v], av, bv[v]);
-    }
-  }
-  if (K & 1) {  // the last element alone: its pair's high half is zero in packed, and in a here
-    __m512bh bv[NV];
-    for (int v = 0; v < NV; ++v) bv[v] = (__m512bh)_mm512_loadu_si512(bp + 16 * v);
-    for (int r = 0; r < MR; ++r) {
-      const __m512bh av = (__m512bh)_mm512_set1_epi32(static_cast<int>(ap[r * a_row + K2 * a_k]));
-      for (int v = 0; v < NV; ++v) acc[r][v] = _mm512_dpbf16_ps(acc[r][v], av, bv[v]);
-    }
-  }
-  for (int v = 0; v < NV; ++v) {
-    if (n0 + 16 * v >= epi.N) continue;
-    if constexpr (Epi::kColumnSums) {  // the epilogue's values summed over the tile's rows, then added once
-      __m512 sum = epi(r0, n0 + 16 * v, acc[0][v]);
-      for (int r = 1; r < MR; ++r) sum = _mm512_add_ps(sum, epi(r0 + r, n0 + 16 * v, acc[r][v]));
-      epi.add_column_sums(n0 + 16 * v, sum);
-    } else {
-      for (int r = 0; r < MR; ++r) epi(r0 + r, n0 + 16 * v, acc[r][v]);
-    }
-  }
-}
-
 template <int MR, class Epi>
-MVF_LINEAR_INLINE void linear_row_block(const uint16_t* a, int64_t a_row, int64_t a_k, int64_t K,
+MVF_BF16_INLINE void linear_row_block(const uint16_t* a, int64_t a_row, int64_t a_k, int64_t K,
                                         const uint32_t* packed, int64_t np, int64_t r0, const Epi& epi) {
   int64_t n0 = 0;
-  for (; n0 + 32 <= np; n0 += 32) linear_tile<MR, 2>(a, a_row, a_k, K, packed, np, r0, n0, epi);
-  if (n0 < np) linear_tile<MR, 1>(a, a_row, a_k, K, packed, np, r0, n0, epi);
+  for (; n0 + 32 <= np; n0 += 32) dot_tile<MR, 2>(a, a_row, a_k, K, packed, np, r0, n0, epi);
+  if (n0 < np) dot_tile<MR, 1>(a, a_row, a_k, K, packed, np, r0, n0, epi);
 }
 
 // Rows [r0, r1): blocks of 6 rows, each across all the columns (packed stays in L2, a block's rows
 // in L1).
 template <class Epi>
-MVF_LINEAR_TARGET void linear_rows(const uint16_t* a, int64_t a_row, int64_t a_k, int64_t K, const uint32_t* packed,
+MVF_BF16_TARGET void linear_rows(const uint16_t* a, int64_t a_row, int64_t a_k, int64_t K, const uint32_t* packed,
                                    int64_t np, int64_t r0, int64_t r1, const Epi& epi) {
   int64_t r = r0;
   for (; r + 6 <= r1; r += 6) linear_row_block<6>(a, a_row, a_k, K, packed, np, r, epi);
@@ -464,19 +399,12 @@ MVF_LINEAR_TARGET void linear_rows(const uint16_t* a, int64_t a_row, int64_t a_k
   }
 }
 
-// Rows [2 k2, 2 k2 + 2) of wb (R x N bfloat16) as one row of pairs in packed (np words): word n =
-// wb[2 k2][n] | wb[2 k2 + 1][n] << 16, zero for n >= N and for a row R.
-MVF_LINEAR_TARGET void pack_row_pair(const uint16_t* wb, int64_t R, int64_t N, int64_t np, int64_t k2,
-                                     uint32_t* packed) {
-  const uint16_t* lo = wb + 2 * k2 * N;
-  const uint16_t* hi = 2 * k2 + 1 < R ? lo + N : nullptr;
-  uint32_t* dst = packed + k2 * np;
-  for (int64_t n = 0; n < np; n += 16) {
-    const __mmask16 m = first_lanes(N - n);
-    __m512i w = _mm512_cvtepu16_epi32(_mm256_maskz_loadu_epi16(m, lo + n));
-    if (hi) w = _mm512_or_si512(w, _mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_maskz_loadu_epi16(m, hi + n)), 16));
-    _mm512_storeu_si512(dst + n, w);
-  }
+// Pair-rows [m0, m1) of src (rows x cols bfloat16) into dst (np words each, rows of dst from m0):
+// row_pairs on that range (zero past cols, and for a last odd row's partner).
+MVF_BF16_TARGET void pair_rows_range(const uint16_t* src, int64_t rows, int64_t cols, int64_t np, int64_t m0,
+                                     int64_t m1, uint32_t* dst) {
+  row_pairs(src, [m0, cols](int64_t j) { return (2 * m0 + j) * cols; }, std::min(rows - 2 * m0, 2 * (m1 - m0)), cols,
+            np, dst + m0 * np);
 }
 
 // dact (bfloat16, rounded as autocast's mm) times gelu'(pre) (deriv: float16, times 2^14), rounded:
@@ -487,7 +415,7 @@ struct GeluBackwardEpilogue {
   const uint16_t* deriv;
   uint16_t* dpre;
   float* partial;
-  MVF_LINEAR_INLINE __m512 operator()(int64_t r, int64_t c, __m512 acc) const {
+  MVF_BF16_INLINE __m512 operator()(int64_t r, int64_t c, __m512 acc) const {
     const __mmask16 m = first_lanes(N - c);
     const __m512 dact = _mm512_castsi512_ps(_mm512_slli_epi32(round_bf16x16(acc), 16));
     const __m512 g = _mm512_cvtph_ps(_mm256_maskz_loadu_epi16(m, deriv + r * N + c));
@@ -495,7 +423,7 @@ struct GeluBackwardEpilogue {
     store_bf16x16(m, dpre + r * N + c, v);
     return v;  // zero in the lanes past N (deriv loaded as zero there)
   }
-  MVF_LINEAR_INLINE void add_column_sums(int64_t c, __m512 sum) const {
+  MVF_BF16_INLINE void add_column_sums(int64_t c, __m512 sum) const {
     _mm512_storeu_ps(partial + c, _mm512_add_ps(_mm512_loadu_ps(partial + c), sum));
   }
 };
@@ -508,7 +436,7 @@ struct WeightGradEpilogue {
   int64_t N;  // dw's columns (the input features); the tile's "N"
   float* dw;
   bool first, last;
-  MVF_LINEAR_INLINE void operator()(int64_t r, int64_t c, __m512 acc) const {
+  MVF_BF16_INLINE void operator()(int64_t r, int64_t c, __m512 acc) const {
     const __mmask16 m = first_lanes(N - c);
     float* p = dw + r * N + c;
     if (!first) acc = _mm512_add_ps(acc, _mm512_maskz_loadu_ps(m, p));
@@ -522,7 +450,7 @@ struct StoreNoBias {
   static constexpr bool kColumnSums = false;
   int64_t N;
   uint16_t* out;
-  MVF_LINEAR_INLINE void operator()(int64_t r, int64_t c, __m512 acc) const {
+  MVF_BF16_INLINE void operator()(int64_t r, int64_t c, __m512 acc) const {
     _mm256_mask_storeu_epi16(out + r * N + c, first_lanes(N - c), _mm512_cvtepi32_epi16(round_bf16x16(acc)));
   }
 };
@@ -649,9 +577,7 @@ void linear_bf16_backward_input_cpu(const uint16_t* g, const uint16_t* wb, int64
   thread_local std::vector<uint32_t> packed;
   if (static_cast<int64_t>(packed.size()) < N2 * np) packed.resize(static_cast<size_t>(N2 * np));
   uint32_t* pk = packed.data();
-  parallel_for(N2, 16, threads, [&](int64_t k0, int64_t k1) {
-    for (int64_t k2 = k0; k2 < k1; ++k2) pack_row_pair(wb, N, K, np, k2, pk);
-  });
+  parallel_for(N2, 16, threads, [&](int64_t k0, int64_t k1) { pair_rows_range(wb, N, K, np, k0, k1, pk); });
   const int64_t blocks = (rows + 5) / 6;
   const int64_t grain = std::max<int64_t>(1, 65536 / std::max<int64_t>(1, 6 * std::max<int64_t>(N, 1) * np));
   if (!gelu) {
@@ -690,7 +616,7 @@ void linear_bf16_backward_weight_cpu(const uint16_t* g, const uint16_t* x, int64
     std::fill(dw, dw + N * K, 0.0f);
     return;
   }
-  // Both operands as pairs of rows (pack_row_pair): the reduction runs over the rows. dw's row n at
+  // Both operands as pairs of rows (row_pairs): the reduction runs over the rows. dw's row n at
   // pair m is then word n of gp's row m: A with a_row 2 elements, a_k one padded gp row. The pairs go
   // in chunks whose packed rows of both (~512 KiB) stay in L2: each chunk is packed (in parallel) just
   // before every row block of dw passes over it (each thread owning a contiguous range of dw's row
@@ -706,12 +632,10 @@ void linear_bf16_backward_weight_cpu(const uint16_t* g, const uint16_t* x, int64
   const uint16_t* a = reinterpret_cast<const uint16_t*>(gp);
   for (int64_t c0 = 0; c0 < M2; c0 += chunk) {
     const int64_t c1 = std::min(M2, c0 + chunk);
-    // Row pairs c0.. of g and x (pack_row_pair's pair index m - c0 in the chunk buffers).
+    // Row pairs c0 .. c1 - 1 of g and x, at rows 0 .. of the chunk buffers.
     parallel_for(c1 - c0, 16, threads, [&](int64_t m0, int64_t m1) {
-      for (int64_t m = m0; m < m1; ++m) {
-        pack_row_pair(g + 2 * c0 * N, rows - 2 * c0, N, npg, m, gp);
-        pack_row_pair(x + 2 * c0 * K, rows - 2 * c0, K, np, m, xp);
-      }
+      pair_rows_range(g + 2 * c0 * N, rows - 2 * c0, N, npg, m0, m1, gp);
+      pair_rows_range(x + 2 * c0 * K, rows - 2 * c0, K, np, m0, m1, xp);
     });
     WeightGradEpilogue epi{K, dw, c0 == 0, c1 == M2};
     parallel_for(blocks, 1, threads, [&](int64_t b0, int64_t b1) {

@@ -44,29 +44,69 @@ bool bf16_dot_supported();
 
 #if MVF_HAVE_BF16_DOT
 
-// C[MR x (16 NV)] at column n0 = sum over k2 < K2 of A(r, k2) . B(k2, n): A(r, k2) is the 32-bit pair
-// at a + r * a_row + k2 * a_k (strides in bfloat16 elements), B rows of ldb words. MR x NV accumulators
-// stay in registers over the whole K loop (12 at MR = 6, NV = 2, as simd.h's float32 gemm_block).
-template <int MR, int NV>
-MVF_BF16_INLINE void dot_block(const uint16_t* __restrict a, int64_t a_row, int64_t a_k, const uint32_t* __restrict b,
-                               int64_t ldb, float* __restrict c, int64_t ldc, int64_t K2, int64_t n0) {
+// The register tile under every bfloat16 product here (dot_block; the linears' GEMMs in autocast.cpp):
+// rows r0 .. r0 + MR - 1 of A times columns [n0, n0 + 16 NV) of B, summed over K elements. A's pair k2
+// of row r is the 32-bit word at a + r * a_row + k2 * a_k (strides in bfloat16 elements; a row-major
+// matrix has a_row its row length and a_k 2); an odd K's last element is taken alone (its pair's high
+// half must be zero in B). B is pairs, rows of ldb words. MR x NV accumulators stay in registers over
+// the whole K loop (12 at MR = 6, NV = 2, as simd.h's float32 gemm_block); then epi(r, n, acc) for each
+// accumulator vector whose columns start below epi.N. With Epi::kColumnSums, epi returns a vector per
+// row, and their sum over the tile's rows goes to epi.add_column_sums(n, sum) once.
+template <int MR, int NV, class Epi>
+MVF_BF16_INLINE void dot_tile(const uint16_t* __restrict a, int64_t a_row, int64_t a_k, int64_t K,
+                              const uint32_t* __restrict b, int64_t ldb, int64_t r0, int64_t n0, const Epi& epi) {
   __m512 acc[MR][NV];
   for (int r = 0; r < MR; ++r)
     for (int v = 0; v < NV; ++v) acc[r][v] = _mm512_setzero_ps();
+  const uint16_t* ap = a + r0 * a_row;
   const uint32_t* bp = b + n0;
-  const uint16_t* ap = a;
-  for (int64_t k = 0; k < K2; ++k, bp += ldb, ap += a_k) {
+  const int64_t K2 = K / 2;
+  for (int64_t k2 = 0; k2 < K2; ++k2, bp += ldb) {
     __m512bh bv[NV];
     for (int v = 0; v < NV; ++v) bv[v] = (__m512bh)_mm512_loadu_si512(bp + 16 * v);
     for (int r = 0; r < MR; ++r) {
       uint32_t pair;
-      std::memcpy(&pair, ap + r * a_row, sizeof pair);
+      std::memcpy(&pair, ap + r * a_row + k2 * a_k, sizeof pair);
       const __m512bh av = (__m512bh)_mm512_set1_epi32(static_cast<int>(pair));
       for (int v = 0; v < NV; ++v) acc[r][v] = _mm512_dpbf16_ps(acc[r][v], av, bv[v]);
     }
   }
-  for (int r = 0; r < MR; ++r)
-    for (int v = 0; v < NV; ++v) _mm512_storeu_ps(c + r * ldc + n0 + 16 * v, acc[r][v]);
+  if (K & 1) {
+    __m512bh bv[NV];
+    for (int v = 0; v < NV; ++v) bv[v] = (__m512bh)_mm512_loadu_si512(bp + 16 * v);
+    for (int r = 0; r < MR; ++r) {
+      const __m512bh av = (__m512bh)_mm512_set1_epi32(static_cast<int>(ap[r * a_row + K2 * a_k]));
+      for (int v = 0; v < NV; ++v) acc[r][v] = _mm512_dpbf16_ps(acc[r][v], av, bv[v]);
+    }
+  }
+  for (int v = 0; v < NV; ++v) {
+    const int64_t n = n0 + 16 * v;
+    if (n >= epi.N) continue;
+    if constexpr (Epi::kColumnSums) {
+      __m512 sum = epi(r0, n, acc[0][v]);
+      for (int r = 1; r < MR; ++r) sum = _mm512_add_ps(sum, epi(r0 + r, n, acc[r][v]));
+      epi.add_column_sums(n, sum);
+    } else {
+      for (int r = 0; r < MR; ++r) epi(r0 + r, n, acc[r][v]);
+    }
+  }
+}
+
+// dot_block's epilogue: the float32 sums stored at c (rows ldc floats apart).
+struct StoreFloats {
+  static constexpr bool kColumnSums = false;
+  int64_t N;
+  float* c;
+  int64_t ldc;
+  MVF_BF16_INLINE void operator()(int64_t r, int64_t n, __m512 acc) const { _mm512_storeu_ps(c + r * ldc + n, acc); }
+};
+
+// C[MR x (16 NV)] at column n0 = sum over k2 < K2 of A(r, k2) . B(k2, n), A(r, k2) the pair at
+// a + r * a_row + k2 * a_k, B rows of ldb words, C rows of ldc floats.
+template <int MR, int NV>
+MVF_BF16_INLINE void dot_block(const uint16_t* __restrict a, int64_t a_row, int64_t a_k, const uint32_t* __restrict b,
+                               int64_t ldb, float* __restrict c, int64_t ldc, int64_t K2, int64_t n0) {
+  dot_tile<MR, NV>(a, a_row, a_k, 2 * K2, b, ldb, 0, n0, StoreFloats{n0 + 16 * NV, c, ldc});
 }
 
 template <int MR>
@@ -99,23 +139,26 @@ MVF_BF16_INLINE void dot_gemm(const uint16_t* a, int64_t a_row, int64_t a_k, con
   if (ahead) ahead->step();
 }
 
-// dst (W2 x np words) = pairs along the row dimension of the transpose of rows [0, N): word (w, i) =
-// elements 2w and 2w + 1 of row i (row i at src + row(i), elements), zero for i >= N. That is the
-// rows' first 2 W2 elements as 32-bit words, transposed, 16 x 16 words at a time in registers.
+// dst (ceil(width / 2) x np words, rows ld words apart) = pairs along the row dimension of the
+// transpose of rows [0, N): word (w, i) = elements 2w and 2w + 1 of row i (row i at src + row(i)),
+// the high half zero past width (an odd width's last element), zero for i >= N. That is the rows'
+// first width elements as 32-bit words, transposed, 16 x 16 words at a time in registers.
 template <class Row>
-MVF_BF16_INLINE void word_columns(const uint16_t* src, const Row& row, int64_t N, int64_t np, int64_t W2,
-                                  uint32_t* dst) {
+MVF_BF16_INLINE void word_columns(const uint16_t* src, const Row& row, int64_t N, int64_t np, int64_t ld,
+                                  int64_t width, uint32_t* dst) {
+  const int64_t W2 = (width + 1) / 2;
   for (int64_t i0 = 0; i0 < np; i0 += 16) {
     for (int64_t w0 = 0; w0 < W2; w0 += 16) {
       const int64_t ww = std::min<int64_t>(16, W2 - w0);
+      const int64_t elems = std::min<int64_t>(2 * ww, width - 2 * w0);
       vec16 r[16];
       for (int64_t ii = 0; ii < 16; ++ii) {
         uint32_t words[16] = {};
-        if (i0 + ii < N) std::memcpy(words, src + row(i0 + ii) + 2 * w0, static_cast<size_t>(ww) * 4);
+        if (i0 + ii < N) std::memcpy(words, src + row(i0 + ii) + 2 * w0, static_cast<size_t>(elems) * 2);
         std::memcpy(&r[ii], words, sizeof words);
       }
       transpose16(r);  // shuffles only: the words' bits pass through unchanged
-      for (int64_t w = 0; w < ww; ++w) std::memcpy(dst + (w0 + w) * np + i0, &r[w], sizeof(vec16));
+      for (int64_t w = 0; w < ww; ++w) std::memcpy(dst + (w0 + w) * ld + i0, &r[w], sizeof(vec16));
     }
   }
 }
