@@ -9,9 +9,12 @@ x + proj(attention(qkv(LayerNorm(x)))), the block's first half (4 heads), as one
 same computation as nn.LayerNorm / nn.Linear / nn.GELU modules (what the reference MAE runs); the
 provider ``cpp`` is mvmae_fast.ops' fused kernel (csrc/cpu/mlp.cpp). Under bf16 autocast both run
 inside ``torch.autocast("cpu", dtype=torch.bfloat16)``: the reference is autocast's unfused
-arithmetic, ``cpp`` the ops' automatic choice there, the autocast layers (ops/mlp/autocast.py: the
-same bf16 GEMMs, the elementwise work in csrc/cpu/autocast.cpp). CPU only: on CUDA the ops are the
-plain modules' computation. FLOPs: 2 x multiply-adds of the linears, x3 for forward + backward.
+arithmetic, ``cpp`` the ops' automatic choice there, the autocast layers (ops/mlp/autocast.py: on
+AVX512-BF16 without AMX the extension's own bf16 GEMMs with the work around them in their epilogues,
+elsewhere autocast's oneDNN GEMMs with the elementwise work in csrc/cpu/autocast.cpp); the bf16
+baseline ``cpp_onednn_gemms`` is the same layers with MVMAE_FAST_CPU_BF16_GEMM=onednn (oneDNN's
+GEMMs and separate passes), so the two show what the own GEMMs are worth. CPU only: on CUDA the ops
+are the plain modules' computation. FLOPs: 2 x multiply-adds of the linears, x3 for forward + backward.
 """
 
 import pytest
@@ -21,8 +24,10 @@ import torch.nn.functional as F
 from conftest import SIZE
 from mvmae_fast import ops
 from mvmae_fast.ops.mlp import fused_attention_half
+from mvmae_fast.ops.mlp.autocast import BF16_GEMM_ENV
 
 IMPLEMENTED = ("cpp",)
+REFERENCE_PROVIDERS = ("reference", "cpp_onednn_gemms")
 SHAPES = {"micro_encoder": (64, 17, 128), "micro_decoder": (64, 65, 64)}
 TINY = {"micro_encoder": (2, 5, 16), "micro_decoder": (2, 7, 8)}
 HEADS = 4  # the micro preset's, encoder and decoder
@@ -50,9 +55,13 @@ def make(device, shape, out_features):
 @pytest.mark.parametrize("precision", ["fp32", "bf16"])
 @pytest.mark.parametrize("shape", list(SHAPES))
 @pytest.mark.parametrize("op", ["prenorm_mlp", "prenorm_linear", "attention_half"])
-def test_fused_layer(timed, benchmark, device, provider, op, shape, precision):
+def test_fused_layer(timed, benchmark, device, provider, op, shape, precision, monkeypatch):
     if device.type != "cpu":
         pytest.skip("the fused layers are CPU kernels")
+    if provider == "cpp_onednn_gemms":
+        if precision != "bf16":
+            pytest.skip("cpp_onednn_gemms: the bf16 autocast layers on oneDNN's GEMMs")
+        monkeypatch.setenv(BF16_GEMM_ENV, "onednn")
     kind = {"prenorm_mlp": "mlp", "attention_half": "attention"}.get(op, "qkv")
     x, (nw, nb), params, flops = make(device, shape, kind)
     eps = 1e-6
@@ -85,7 +94,7 @@ def test_fused_layer(timed, benchmark, device, provider, op, shape, precision):
         with amp:
             return fn()
 
-    chosen = reference if provider == "reference" else fused
+    chosen = reference if provider == "reference" else fused  # cpp_onednn_gemms: fused, env set above
     leaves = (x, nw, nb, *params)
     grad = torch.randn_like(forward(chosen))
 

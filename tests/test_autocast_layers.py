@@ -899,6 +899,14 @@ def test_bf16_gemm_choice(monkeypatch, choice):
         assert calls == {name: 5 for name in LINEAR_KERNELS} and not products, (calls, products)
 
 
+def test_bf16_gemm_choice_refuses_unknown_values(monkeypatch):
+    """A misspelt MVMAE_FAST_CPU_BF16_GEMM is an error naming the variable, not a silent default."""
+    monkeypatch.setenv("MVMAE_FAST_CPU_BF16_GEMM", "cublas")
+    inputs, _ = mlp_inputs((2, 9, 32), 64)
+    with autocast(), pytest.raises(ValueError, match="MVMAE_FAST_CPU_BF16_GEMM='cublas'"):
+        fused_mlp(*inputs)
+
+
 def test_addmm_path_under_avx512():
     """MVMAE_FAST_CPU_ISA=avx512 (AVX-512 without the BF16 instructions, as older Xeons) turns the own
     GEMMs off: the layers call autocast's addmm / mm and separate GELU and residual kernels. The layer

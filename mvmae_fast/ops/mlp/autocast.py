@@ -203,11 +203,15 @@ class _CpuKernels:
         """Whether the layers call linear() / linear_backward_*() (csrc/cpu/autocast.cpp) instead of addmm /
         mm: by default where the CPU has AVX512-BF16 and no AMX (oneDNN's AMX GEMMs are faster);
         BF16_GEMM_ENV=onednn forces addmm / mm, =own the extension's GEMMs wherever they run."""
-        choice = os.environ.get(BF16_GEMM_ENV, "").strip().lower()
+        value = os.environ.get(BF16_GEMM_ENV, "")
+        choice = value.strip().lower()
         if choice == "onednn":
             return False
         if choice == "own":
             return _ext._C.linear_bf16_supported()
+        if choice:
+            raise ValueError(f"{BF16_GEMM_ENV}={value!r}: expected 'onednn' or 'own' (or unset: own GEMMs on "
+                             "AVX512-BF16 without AMX)")
         return _ext._C.linear_bf16_preferred()
 
     @staticmethod
@@ -274,6 +278,11 @@ class _TritonKernels:
         self.k = _triton_kernels()
 
     @staticmethod
+    def linear_supported():
+        """The linears stay cuBLAS's (torch.addmm / torch.mm)."""
+        return False
+
+    @staticmethod
     def workspace(role, shape, dtype, device):
         return None  # the GEMMs allocate their own outputs (out=None)
 
@@ -329,13 +338,6 @@ def _kernels(device):
     return ks
 
 
-def _own_linears(k, *biases):
-    """Whether the linears run on k.linear / k.linear_backward_input (the CPU kernels on AVX512-BF16,
-    every bias given; a bias-free linear keeps addmm) instead of addmm / mm and separate passes."""
-    return getattr(k, "linear_supported", None) is not None and k.linear_supported() and \
-        all(b is not None for b in biases)
-
-
 class _PrenormMlp(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, norm_weight, norm_bias, eps, w1, b1, w2, b2):
@@ -345,7 +347,7 @@ class _PrenormMlp(torch.autograd.Function):
         x2d = x.reshape(-1, shape[-1]).contiguous()
         norm_weight, norm_bias = norm_weight.contiguous(), norm_bias.contiguous()
         h, mean, rstd = k.layer_norm(x2d, norm_weight, norm_bias, eps)
-        if _own_linears(k, b1, b2):
+        if k.linear_supported():
             w1b, act, deriv = k.linear(h, w1, b1, "gelu")
             w2b, y = k.linear(act, w2, b2, "residual", residual=x2d)
         else:
@@ -370,7 +372,7 @@ class _PrenormMlp(torch.autograd.Function):
         hidden = w1b.shape[0]
         grad = grad.reshape(rows, dim).contiguous()
         gb, db2 = k.cast_colsum(grad)
-        own = _own_linears(k)
+        own = k.linear_supported()
         if own:
             dpre, db1 = k.linear_backward_input(gb, w2b, "hidden2", deriv)
         else:
@@ -393,7 +395,7 @@ class _PrenormLinear(torch.autograd.Function):
         x2d = x.reshape(-1, x.shape[-1]).contiguous()
         norm_weight, norm_bias = norm_weight.contiguous(), norm_bias.contiguous()
         h, mean, rstd = k.layer_norm(x2d, norm_weight, norm_bias, eps)
-        if _own_linears(k, b):
+        if k.linear_supported():
             wb, out = k.linear(h, w, b, "store")
         else:
             wb = w.to(k.act_dtype)
@@ -408,7 +410,7 @@ class _PrenormLinear(torch.autograd.Function):
         x2d, mean, rstd, norm_weight, h, wb = ctx.saved_tensors
         k = ctx.kernels
         grad = grad.reshape(-1, wb.shape[0]).to(k.act_dtype).contiguous()
-        if _own_linears(k):
+        if k.linear_supported():
             dh = k.linear_backward_input(grad, wb, "rows")
             dw = k.linear_backward_weight(grad, h)
         else:
@@ -433,7 +435,7 @@ class _AttentionHalf(torch.autograd.Function):
         x2d = x.reshape(rows, D).contiguous()
         norm_weight, norm_bias = norm_weight.contiguous(), norm_bias.contiguous()
         h, mean, rstd = k.layer_norm(x2d, norm_weight, norm_bias, eps)
-        own = _own_linears(k, b_qkv, b_proj)
+        own = k.linear_supported()
         if own:
             w_qkv_b, qkv = k.linear(h, w_qkv, b_qkv, "store")
             qkv = qkv.view(B, N, 3 * D)
@@ -460,7 +462,7 @@ class _AttentionHalf(torch.autograd.Function):
         rows = B * N
         grad = grad.reshape(rows, D).contiguous()
         gb, db_proj = k.cast_colsum(grad)
-        own = _own_linears(k)
+        own = k.linear_supported()
         if own:
             d_attended = k.linear_backward_input(gb, w_proj_b, "rows2")
         else:
