@@ -38,20 +38,28 @@ constexpr float kGeluScale = 16384.0f;  // gelu' in [-0.17, 1.13] stored times 2
                                          // range then reaches down to |gelu'| ~ 4e-9 (x ~ -6.3)
 
 
-// Row ranges [begin, end) of `slots` contiguous parts of `rows`, one per thread.
-int64_t slot_count(int64_t rows, int64_t cols, int threads) {
+// Row blocks per piece of a GEMM's parallel_pieces, given a block's multiply-adds: at most 64 pieces, and
+// at least ~512k multiply-adds each (~2.5 us of a core; claiming a piece costs ~0.1 us).
+[[maybe_unused]] int64_t gemm_piece(int64_t blocks, int64_t block_macs) {
+  return std::max<int64_t>({1, (blocks + 63) / 64, (int64_t{1} << 19) / std::max<int64_t>(1, block_macs)});
+}
+
+// Pieces of rows for with_column_sums: at least kBlock rows and ~8k values each, at most 16 (whatever
+// the thread count).
+int64_t slot_count(int64_t rows, int64_t cols) {
   const int64_t min_rows = std::max<int64_t>(kBlock, 8192 / std::max<int64_t>(1, cols));
-  return std::max<int64_t>(1, std::min<int64_t>(threads, rows / min_rows));
+  return std::max<int64_t>(1, std::min<int64_t>(16, rows / min_rows));
 }
 
 // Runs fn(begin, end, partial) over each slot's rows with `partial` (cols floats, zeroed) its column
-// sums, then sums the partials in slot order into colsum.
+// sums (the threads take slots as parallel_pieces hands them out), then sums the partials in slot
+// order into colsum: the same bits for any thread count.
 template <class Fn>
 void with_column_sums(int64_t rows, int64_t cols, int threads, float* colsum, const Fn& fn) {
-  const int64_t slots = slot_count(rows, cols, threads);
+  const int64_t slots = slot_count(rows, cols);
   std::vector<float> partial(static_cast<size_t>(slots * cols), 0.0f);
-  parallel_for(slots, 1, threads, [&](int64_t s0, int64_t s1) {
-    for (int64_t s = s0; s < s1; ++s) fn(rows * s / slots, rows * (s + 1) / slots, partial.data() + s * cols);
+  parallel_pieces(slots, 1, threads, [&](int64_t s, int64_t, int64_t) {
+    fn(rows * s / slots, rows * (s + 1) / slots, partial.data() + s * cols);
   });
   std::copy(partial.begin(), partial.begin() + cols, colsum);
   for (int64_t s = 1; s < slots; ++s)
@@ -543,9 +551,7 @@ void linear_bf16_cpu(const uint16_t* a, const float* w, const float* b, uint16_t
   if (rows <= 0) return;
   const auto run = [&](const auto& epi) {
     const int64_t blocks = (rows + 5) / 6;
-    // At least ~64k multiply-adds of a block per thread's share before splitting.
-    const int64_t grain = std::max<int64_t>(1, 65536 / std::max<int64_t>(1, 6 * K * np));
-    parallel_for(blocks, grain, threads, [&](int64_t b0, int64_t b1) {
+    parallel_pieces(blocks, gemm_piece(blocks, 6 * K * np), threads, [&](int64_t, int64_t b0, int64_t b1) {
       linear_rows(a, K, 2, K, pk, np, 6 * b0, std::min(rows, 6 * b1), epi);
     });
   };
@@ -579,30 +585,28 @@ void linear_bf16_backward_input_cpu(const uint16_t* g, const uint16_t* wb, int64
   uint32_t* pk = packed.data();
   parallel_for(N2, 16, threads, [&](int64_t k0, int64_t k1) { pair_rows_range(wb, N, K, np, k0, k1, pk); });
   const int64_t blocks = (rows + 5) / 6;
-  const int64_t grain = std::max<int64_t>(1, 65536 / std::max<int64_t>(1, 6 * std::max<int64_t>(N, 1) * np));
+  const int64_t piece = gemm_piece(blocks, 6 * std::max<int64_t>(N, 1) * np);
   if (!gelu) {
     if (rows <= 0) return;
     StoreNoBias epi{K, out};
-    parallel_for(blocks, grain, threads, [&](int64_t b0, int64_t b1) {
+    parallel_pieces(blocks, piece, threads, [&](int64_t, int64_t b0, int64_t b1) {
       linear_rows(g, N, 2, N, pk, np, 6 * b0, std::min(rows, 6 * b1), epi);
     });
     return;
   }
-  // With GELU's backward: one partial column sum per contiguous range of row blocks, added in order.
-  const int64_t slots = std::max<int64_t>(1, std::min<int64_t>(threads, blocks / std::max<int64_t>(1, grain)));
-  std::vector<float> partial(static_cast<size_t>(slots * np), 0.0f);
+  // With GELU's backward: one partial column sum per piece of row blocks, added in piece order (the
+  // same bits for any thread count).
+  const int64_t pieces = std::max<int64_t>(1, (blocks + piece - 1) / piece);
+  std::vector<float> partial(static_cast<size_t>(pieces * np), 0.0f);
   if (rows > 0) {
-    parallel_for(slots, 1, threads, [&](int64_t s0, int64_t s1) {
-      for (int64_t s = s0; s < s1; ++s) {
-        GeluBackwardEpilogue epi{K, deriv, out, partial.data() + s * np};
-        linear_rows(g, N, 2, N, pk, np, 6 * (blocks * s / slots), std::min(rows, 6 * (blocks * (s + 1) / slots)),
-                    epi);
-      }
+    parallel_pieces(blocks, piece, threads, [&](int64_t p, int64_t b0, int64_t b1) {
+      GeluBackwardEpilogue epi{K, deriv, out, partial.data() + p * np};
+      linear_rows(g, N, 2, N, pk, np, 6 * b0, std::min(rows, 6 * b1), epi);
     });
   }
   for (int64_t j = 0; j < K; ++j) colsum[j] = partial[j];
-  for (int64_t s = 1; s < slots; ++s)
-    for (int64_t j = 0; j < K; ++j) colsum[j] += partial[s * np + j];
+  for (int64_t p = 1; p < pieces; ++p)
+    for (int64_t j = 0; j < K; ++j) colsum[j] += partial[p * np + j];
 #else
   (void)g, (void)wb, (void)rows, (void)N, (void)K, (void)out, (void)gelu, (void)deriv, (void)colsum, (void)threads;
 #endif
@@ -619,8 +623,8 @@ void linear_bf16_backward_weight_cpu(const uint16_t* g, const uint16_t* x, int64
   // Both operands as pairs of rows (row_pairs): the reduction runs over the rows. dw's row n at
   // pair m is then word n of gp's row m: A with a_row 2 elements, a_k one padded gp row. The pairs go
   // in chunks whose packed rows of both (~512 KiB) stay in L2: each chunk is packed (in parallel) just
-  // before every row block of dw passes over it (each thread owning a contiguous range of dw's row
-  // blocks), so the packed copies never travel to memory and back.
+  // before the threads pass every row block of dw over it (claiming pieces of dw's row blocks), so
+  // the packed copies never travel to memory and back.
   const int64_t M2 = (rows + 1) / 2, np = pad_vec(K), npg = pad_vec(N);
   const int64_t chunk = std::min(M2, std::max<int64_t>(16, (128 * 1024) / (np + npg)));
   thread_local std::vector<uint32_t> gp_buf, xp_buf;
@@ -638,7 +642,8 @@ void linear_bf16_backward_weight_cpu(const uint16_t* g, const uint16_t* x, int64
       pair_rows_range(x + 2 * c0 * K, rows - 2 * c0, K, np, m0, m1, xp);
     });
     WeightGradEpilogue epi{K, dw, c0 == 0, c1 == M2};
-    parallel_for(blocks, 1, threads, [&](int64_t b0, int64_t b1) {
+    const int64_t piece = gemm_piece(blocks, 6 * np * 2 * (c1 - c0));
+    parallel_pieces(blocks, piece, threads, [&](int64_t, int64_t b0, int64_t b1) {
       linear_rows(a, 2, 2 * npg, 2 * (c1 - c0), xp, np, 6 * b0, std::min(N, 6 * b1), epi);
     });
   }
