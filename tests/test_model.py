@@ -395,3 +395,43 @@ def test_training_forward_matches_full_prediction_path():
     assert len(results[0]) == len(results[1])
     for a, b in zip(*results):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+
+
+class _Shifted(torch.nn.Linear):
+    """A replaced linear (as an adapter would be): its own forward adds a constant to nn.Linear's."""
+
+    shift = 0.25
+
+    def forward(self, x):
+        return super().forward(x) + self.shift
+
+
+@pytest.mark.parametrize("bf16", [False, True], ids=["fp32", "bf16_autocast"])
+def test_replaced_linears_run_their_own_forward(bf16):
+    """Linears that are not plain nn.Linear modules (an adapter's, say) run their own forward, not the
+    fused ops on their weights: replacing the qkv, projection, fc1 and fc2 of an encoder block and of
+    the (last) decoder block, and the prediction head, with _Shifted equals raising their biases by its
+    shift."""
+    ref, ours = pair(seed=3)
+    shifted = MaskedAutoencoderViT(**TINY, norm_pix_loss=True)
+    shifted.load_state_dict(ours.state_dict(), strict=True)
+    def linears(model):
+        blocks = (model.blocks[0], model.decoder_blocks[0])
+        return [*((b.attn, n) for b in blocks for n in ("qkv", "proj")),
+                *((b.mlp, n) for b in blocks for n in ("fc1", "fc2")), (model, "decoder_pred")]
+
+    for owner, name in linears(shifted):
+        old = getattr(owner, name)
+        new = _Shifted(old.in_features, old.out_features)
+        new.load_state_dict(old.state_dict())
+        setattr(owner, name, new)
+    with torch.no_grad():
+        for owner, name in linears(ours):
+            getattr(owner, name).bias += _Shifted.shift
+    imgs, noise = torch.randn(2, 3, 32, 32), torch.rand(2, L)
+    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+        loss_s, pred_s, _ = shifted(imgs, noise=noise)
+        loss_o, pred_o, _ = ours(imgs, noise=noise)
+    tol = dict(rtol=2e-2, atol=2e-2) if bf16 else dict(rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(pred_s.float(), pred_o.float(), **tol)
+    torch.testing.assert_close(loss_s.float(), loss_o.float(), **tol)

@@ -50,9 +50,10 @@ class Mlp(nn.Module):
         self.fc2 = nn.Linear(hidden, dim)
 
     def fusable(self):
-        """Whether ops.mlp computes this layer: fc1 and fc2 with biases around the exact GELU."""
-        return (type(self.act) is nn.GELU and self.act.approximate == "none" and self.fc1.bias is not None
-                and self.fc2.bias is not None)
+        """Whether ops.mlp computes this layer: fc1 and fc2 plain nn.Linear modules with biases (not
+        replaced ones: their own forward must run) around the exact GELU."""
+        return (type(self.act) is nn.GELU and self.act.approximate == "none" and _plain_linear(self.fc1)
+                and _plain_linear(self.fc2))
 
     def forward(self, x):
         if self.fusable() and _fused_layers_allowed():
@@ -97,17 +98,14 @@ class Block(nn.Module):
         """The first half as one autograd node (ops.mlp.fused_attention_half) when the modules are the
         stock ones with biases and the extension runs every piece here; else None."""
         norm, attn = self.norm1, self.attn
-        if not (type(attn) is Attention and _plain_layer_norm(norm) and attn.qkv.bias is not None
-                and attn.proj.bias is not None and x.dim() == 3):
+        if not (type(attn) is Attention and _plain_layer_norm(norm) and _plain_linear(attn.qkv)
+                and _plain_linear(attn.proj) and x.dim() == 3):
             return None
         return fused_attention_half(x, norm.weight, norm.bias, norm.eps, attn.qkv.weight, attn.qkv.bias,
                                     attn.proj.weight, attn.proj.bias, attn.num_heads)
 
     def _qkv(self, x):
-        norm, qkv = self.norm1, self.attn.qkv
-        if _plain_layer_norm(norm) and qkv.bias is not None and _fused_layers_allowed():
-            return ops.prenorm_linear(x, norm.weight, norm.bias, norm.eps, qkv.weight, qkv.bias)
-        return qkv(norm(x))
+        return prenorm_linear(self.norm1, self.attn.qkv, x)
 
     def _second_half(self, x):
         norm, mlp = self.norm2, self.mlp
@@ -117,10 +115,25 @@ class Block(nn.Module):
         return x + mlp(norm(x))
 
 
+def prenorm_linear(norm, linear, x):
+    """``linear(norm(x))``: one fused op (ops.prenorm_linear) when both are the stock modules with
+    biases and the fused layers may run, else the modules themselves (a replaced module's own forward
+    runs)."""
+    if _plain_layer_norm(norm) and _plain_linear(linear) and _fused_layers_allowed():
+        return ops.prenorm_linear(x, norm.weight, norm.bias, norm.eps, linear.weight, linear.bias)
+    return linear(norm(x))
+
+
 def _fused_layers_allowed():
     """The fused layer ops have torch and cpp backends only: under a forced triton backend (for the
     ops that have one) the model runs its plain modules instead, which compute the same."""
     return backends.requested_backend()[0] in (None, "torch", "cpp")
+
+
+def _plain_linear(linear):
+    """An nn.Linear itself (not a subclass or wrapper, whose forward may differ) with a bias: what the
+    fused ops compute from its weight and bias."""
+    return type(linear) is nn.Linear and linear.bias is not None
 
 
 def _plain_layer_norm(norm):

@@ -16,7 +16,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .. import ops
-from .layers import Block, PatchEmbed, Projector, init_weights, xavier_patch_embed_
+from .layers import Block, PatchEmbed, Projector, init_weights, prenorm_linear, xavier_patch_embed_
 from .pos_embed import sincos_2d
 
 VIEW_MODES = ("two_crops", "one_crop")
@@ -248,7 +248,7 @@ class MVMAE(nn.Module):
         return blocks[-1].forward_rows(x, rows + 1, check_indices=False)  # + 1: the cls token leads
 
     def _predict(self, tokens):
-        return self.decoder_pred(self.decoder_norm(tokens))
+        return prenorm_linear(self.decoder_norm, self.decoder_pred, tokens)
 
     def _pool(self, latent):
         return latent[:, 0] if self.config.pool == "cls" else latent[:, 1:].mean(dim=1)
