@@ -435,3 +435,16 @@ def test_replaced_linears_run_their_own_forward(bf16):
     tol = dict(rtol=2e-2, atol=2e-2) if bf16 else dict(rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(pred_s.float(), pred_o.float(), **tol)
     torch.testing.assert_close(loss_s.float(), loss_o.float(), **tol)
+
+
+def test_hooked_linear_runs_its_own_forward():
+    """A forward hook on a linear the blocks would fuse (here the prediction head, run as LayerNorm +
+    linear in one op) fires: the module then runs itself, and the hook's change to its output shows."""
+    _, ours = pair(seed=4)
+    imgs, noise = torch.randn(2, 3, 32, 32), torch.rand(2, L)
+    _, pred, _ = ours(imgs, noise=noise)
+    calls = []
+    ours.decoder_pred.register_forward_hook(lambda module, args, out: calls.append(1) or out + 1.0)
+    _, hooked, _ = ours(imgs, noise=noise)
+    assert calls == [1]
+    torch.testing.assert_close(hooked, pred + 1.0, rtol=1e-5, atol=1e-5)

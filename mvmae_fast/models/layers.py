@@ -131,9 +131,11 @@ def _fused_layers_allowed():
 
 
 def _plain_linear(linear):
-    """An nn.Linear itself (not a subclass or wrapper, whose forward may differ) with a bias: what the
-    fused ops compute from its weight and bias."""
-    return type(linear) is nn.Linear and linear.bias is not None
+    """An nn.Linear itself (not a subclass or wrapper, whose forward may differ) with a bias and no
+    forward hooks of its own (they would not fire inside a fused op): what the fused ops compute from
+    its weight and bias."""
+    return (type(linear) is nn.Linear and linear.bias is not None and not linear._forward_hooks
+            and not linear._forward_pre_hooks)
 
 
 def _plain_layer_norm(norm):
