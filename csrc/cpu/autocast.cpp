@@ -15,10 +15,10 @@
 // and, on AVX512-BF16, the linears themselves (linear_bf16_*, below the elementwise kernels): the
 // forward's product + bias with GELU or the residual in the epilogue, the input gradient with GELU's
 // backward in its epilogue, the weight gradient rounded and widened in its epilogue.
-// Rows are split into contiguous per-thread ranges; column sums go through 64-row block sums into one
-// partial per range, added in range order (deterministic for a thread count).
+// Rows are split into pieces the threads take (parallel_pieces: each its own contiguous share first);
+// column sums go through 64-row block sums into one partial per piece, added in piece order (the same
+// bits for any thread count).
 #include <algorithm>
-#include <cstring>
 #include <vector>
 
 #if defined(__x86_64__)
@@ -51,6 +51,13 @@ int64_t slot_count(int64_t rows, int64_t cols) {
   return std::max<int64_t>(1, std::min<int64_t>(16, rows / min_rows));
 }
 
+// colsum[0, cols) = the sum of `count` partial sums (rows `stride` floats apart), in order.
+void add_partials(const float* partial, int64_t count, int64_t stride, int64_t cols, float* colsum) {
+  std::copy(partial, partial + cols, colsum);
+  for (int64_t p = 1; p < count; ++p)
+    for (int64_t j = 0; j < cols; ++j) colsum[j] += partial[p * stride + j];
+}
+
 // Runs fn(begin, end, partial) over each slot's rows with `partial` (cols floats, zeroed) its column
 // sums (the threads take slots as parallel_pieces hands them out), then sums the partials in slot
 // order into colsum: the same bits for any thread count.
@@ -61,9 +68,7 @@ void with_column_sums(int64_t rows, int64_t cols, int threads, float* colsum, co
   parallel_pieces(slots, 1, threads, [&](int64_t s, int64_t, int64_t) {
     fn(rows * s / slots, rows * (s + 1) / slots, partial.data() + s * cols);
   });
-  std::copy(partial.begin(), partial.begin() + cols, colsum);
-  for (int64_t s = 1; s < slots; ++s)
-    for (int64_t j = 0; j < cols; ++j) colsum[j] += partial[s * cols + j];
+  add_partials(partial.data(), slots, cols, cols, colsum);
 }
 
 // Rows [begin, end) in blocks of kBlock: row(r, acc) adds row r's contribution to the block's column
@@ -604,9 +609,7 @@ void linear_bf16_backward_input_cpu(const uint16_t* g, const uint16_t* wb, int64
       linear_rows(g, N, 2, N, pk, np, 6 * b0, std::min(rows, 6 * b1), epi);
     });
   }
-  for (int64_t j = 0; j < K; ++j) colsum[j] = partial[j];
-  for (int64_t p = 1; p < pieces; ++p)
-    for (int64_t j = 0; j < K; ++j) colsum[j] += partial[p * np + j];
+  add_partials(partial.data(), pieces, np, K, colsum);
 #else
   (void)g, (void)wb, (void)rows, (void)N, (void)K, (void)out, (void)gelu, (void)deriv, (void)colsum, (void)threads;
 #endif

@@ -347,7 +347,8 @@ class _PrenormMlp(torch.autograd.Function):
         x2d = x.reshape(-1, shape[-1]).contiguous()
         norm_weight, norm_bias = norm_weight.contiguous(), norm_bias.contiguous()
         h, mean, rstd = k.layer_norm(x2d, norm_weight, norm_bias, eps)
-        if k.linear_supported():
+        ctx.own = k.linear_supported()  # the backward runs the same GEMMs
+        if ctx.own:
             w1b, act, deriv = k.linear(h, w1, b1, "gelu")
             w2b, y = k.linear(act, w2, b2, "residual", residual=x2d)
         else:
@@ -372,7 +373,7 @@ class _PrenormMlp(torch.autograd.Function):
         hidden = w1b.shape[0]
         grad = grad.reshape(rows, dim).contiguous()
         gb, db2 = k.cast_colsum(grad)
-        own = k.linear_supported()
+        own = ctx.own
         if own:
             dpre, db1 = k.linear_backward_input(gb, w2b, "hidden2", deriv)
         else:
@@ -395,7 +396,8 @@ class _PrenormLinear(torch.autograd.Function):
         x2d = x.reshape(-1, x.shape[-1]).contiguous()
         norm_weight, norm_bias = norm_weight.contiguous(), norm_bias.contiguous()
         h, mean, rstd = k.layer_norm(x2d, norm_weight, norm_bias, eps)
-        if k.linear_supported():
+        ctx.own = k.linear_supported()  # the backward runs the same GEMMs
+        if ctx.own:
             wb, out = k.linear(h, w, b, "store")
         else:
             wb = w.to(k.act_dtype)
@@ -410,7 +412,7 @@ class _PrenormLinear(torch.autograd.Function):
         x2d, mean, rstd, norm_weight, h, wb = ctx.saved_tensors
         k = ctx.kernels
         grad = grad.reshape(-1, wb.shape[0]).to(k.act_dtype).contiguous()
-        if k.linear_supported():
+        if ctx.own:
             dh = k.linear_backward_input(grad, wb, "rows")
             dw = k.linear_backward_weight(grad, h)
         else:
@@ -435,7 +437,7 @@ class _AttentionHalf(torch.autograd.Function):
         x2d = x.reshape(rows, D).contiguous()
         norm_weight, norm_bias = norm_weight.contiguous(), norm_bias.contiguous()
         h, mean, rstd = k.layer_norm(x2d, norm_weight, norm_bias, eps)
-        own = k.linear_supported()
+        own = ctx.own = k.linear_supported()  # the backward runs the same GEMMs
         if own:
             w_qkv_b, qkv = k.linear(h, w_qkv, b_qkv, "store")
             qkv = qkv.view(B, N, 3 * D)
@@ -462,14 +464,12 @@ class _AttentionHalf(torch.autograd.Function):
         rows = B * N
         grad = grad.reshape(rows, D).contiguous()
         gb, db_proj = k.cast_colsum(grad)
-        own = k.linear_supported()
+        own = ctx.own
         if own:
             d_attended = k.linear_backward_input(gb, w_proj_b, "rows2")
-        else:
-            d_attended = torch.mm(gb, w_proj_b, out=k.workspace("rows2", (rows, D), k.act_dtype, x2d.device))
-        if own:
             dw_proj = k.linear_backward_weight(gb, attended.view(rows, D))
         else:
+            d_attended = torch.mm(gb, w_proj_b, out=k.workspace("rows2", (rows, D), k.act_dtype, x2d.device))
             dw_proj = torch.mm(gb.t(), attended.view(rows, D)).float()
         dqkv = k.attention_backward(d_attended.view(B, N, D), qkv, attended, lse, ctx.num_heads).view(rows, 3 * D)
         db_qkv = k.colsum(dqkv)
